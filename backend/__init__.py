@@ -1,0 +1,1 @@
+"""Fine-tuning studio backend: data, models, training, queue. Never imports gradio."""

@@ -1,0 +1,185 @@
+"""The command line (DESIGN.md, contract 1): ``python -m backend COMMAND ...``.
+
+Bad input exits with code 2 and one ``error:`` line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+class UsageError(ValueError):
+    pass
+
+
+def _user_errors() -> tuple:
+    from .config import ConfigError
+    from .data import DataError
+    from .models import ModelError
+    from .playground import RunError
+    from .template import TemplateError
+
+    return (UsageError, ConfigError, DataError, ModelError, RunError, TemplateError)
+
+
+def _quiet_libraries() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    for name in ("bitsandbytes", "httpx", "urllib3", "datasets", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    import datasets
+
+    datasets.disable_progress_bars()
+
+
+def _mapping(items: list[str]) -> dict:
+    out = {}
+    for item in items or []:
+        field, sep, column = item.partition("=")
+        if not sep or not field or not column:
+            raise UsageError(f"--map takes FIELD=COLUMN, got {item!r}")
+        out[field] = column
+    return out
+
+
+def cmd_prepare(a) -> int:
+    from . import data, models, template
+
+    tokenizer = template.setup_chat_template(models.load_tokenizer(models.resolve_model(a.model)), None)
+    prepared = data.prepare(a.data, fmt=a.format, mapping=_mapping(a.map) or None, tokenizer=tokenizer,
+                            max_length=a.max_length, system_prompt=a.system)
+    s = prepared.summary
+    if a.json:
+        print(json.dumps(s, ensure_ascii=False))
+    else:
+        print(f"{s['source']}: {s['format']}, {s['rows']} rows ({s['train_rows']} train / {s['val_rows']} val), "
+              f"{s['truncated']} longer than {a.max_length} tokens")
+        print(f"token lengths: {s.get('token_lengths')}")
+        for note in s.get("notes", []):
+            print(f"note: {note}")
+        print("sample ([[...]] is what the loss covers):\n" + s["sample"])
+    return 0
+
+
+def cmd_train(a) -> int:
+    from .config import RunSpec, parse_set
+    from .presets import build_spec
+    from .train import train
+
+    if a.config:
+        if a.data or a.out or a.preset or a.set or a.method or a.model:
+            raise UsageError("--config takes no other options than --resume")
+        spec = RunSpec.load(a.config).resolved()
+        out = os.path.dirname(os.path.abspath(a.config))
+    else:
+        if not a.data or not a.out:
+            raise UsageError("train needs --data and --out (or --config RUN_DIR/config.yaml)")
+        overrides = parse_set(a.set)
+        overrides.update(data=a.data, method=a.method or overrides.get("method", "lora"))
+        if a.model:
+            overrides["model"] = a.model
+        spec = build_spec(overrides, a.preset)
+        out = a.out
+    run = train(spec, out, resume=a.resume)
+    print(f"done: {run.result_dir()}")
+    return 0
+
+
+def cmd_generate(a) -> int:
+    from .playground import compare, load_run
+
+    sides = ("base", "tuned") if a.side == "both" else (a.side,)
+    loaded = load_run(a.run)
+    answers = compare(loaded, a.prompt, sides=sides, system_prompt=a.system,
+                      max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed)
+    if a.json:
+        print(json.dumps(answers, ensure_ascii=False))
+    else:
+        for side, text in answers.items():
+            print(f"--- {side}\n{text}")
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from .evaluate import evaluate
+    from .playground import load_run
+
+    result = evaluate(load_run(a.run), a.run, data=a.data)
+    if a.json:
+        print(json.dumps(result))
+    else:
+        for side, r in result.items():
+            print(f"{side}: loss {r['loss']:.4f}  perplexity {r['perplexity']:.2f}  ({r['tokens']} tokens)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m backend", description="Fine-tuning studio, headless.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("prepare", help="check and summarise a dataset")
+    s.add_argument("data")
+    s.add_argument("--format", default="auto",
+                   choices=["auto", "alpaca", "prompt_completion", "messages", "sharegpt", "text"])
+    s.add_argument("--map", action="append", metavar="FIELD=COLUMN")
+    s.add_argument("--model")
+    s.add_argument("--max-length", type=int, default=1024)
+    s.add_argument("--system", default="You are a helpful assistant.")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_prepare)
+
+    s = sub.add_parser("train", help="train a run (or resume one from its config.yaml)")
+    s.add_argument("--data")
+    s.add_argument("--out")
+    s.add_argument("--method", choices=["qlora", "lora", "full"])
+    s.add_argument("--model")
+    s.add_argument("--preset")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE")
+    s.add_argument("--config")
+    s.add_argument("--resume", action="store_true")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("generate", help="answer a prompt with the base and/or tuned model")
+    s.add_argument("--run", required=True)
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--side", default="both", choices=["base", "tuned", "both"])
+    s.add_argument("--system")
+    s.add_argument("--max-new-tokens", type=int, default=256)
+    s.add_argument("--temperature", type=float, default=0.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("eval", help="loss and perplexity, base vs tuned")
+    s.add_argument("--run", required=True)
+    s.add_argument("--data")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_eval)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        return args.func(args)
+    except _user_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: cancelled", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""The run specification: what to train, on what, how. One YAML file per run (``config.yaml``).
+
+Keys are named as the libraries name them (peft's ``r``/``lora_alpha``, transformers'
+``learning_rate``/``num_train_epochs``), so ``--set KEY=VALUE`` and presets use flat keys and
+every key lives in exactly one section. Fields left ``None`` take the method's default from
+``METHOD_DEFAULTS`` when the spec is resolved; ``config.yaml`` always holds resolved values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+Method = Literal["qlora", "lora", "full"]
+METHODS = ("qlora", "lora", "full")
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class ModelArgs:
+    model: str | None = _f(None, "Base model: None for the embedded SmolLM2-135M-Instruct, a local folder or a hub id.")
+    method: Method = _f("lora", "qlora: 4-bit base + LoRA; lora: 16-bit base + LoRA; full: every parameter.")
+    trust_remote_code: bool = _f(False, "Run the model repository's own Python code (only for models you trust).")
+    chat_template: str | None = _f(None, "A Jinja chat template; None uses the model's own (or a plain one).")
+
+
+@dataclass
+class DataArgs:
+    data: str | None = _f(None, "Training data: a local file, a save_to_disk folder or hub:ORG/NAME[:SPLIT].")
+    format: str = _f("auto", "auto, alpaca, prompt_completion, messages, sharegpt or text.")
+    mapping: dict = _f({}, "Canonical field -> column in the file, overriding detection.")
+    system_prompt: str | None = _f("You are a helpful assistant.", "System prompt for rows without one, in training and generation.")
+    max_length: int = _f(1024, "Longest example in tokens; longer rows are truncated and counted.")
+    val_size: float = _f(0.1, "Validation share (< 1) or row count (>= 1).")
+    mix_data: str | None = _f(None, "General data mixed into training against forgetting (same formats as data).")
+    mix_ratio: float = _f(0.0, "Mixed rows per training row (0.5 = half as many general rows as task rows).")
+
+
+@dataclass
+class LoraArgs:
+    r: int = _f(16, "LoRA rank: higher learns more and costs more memory.")
+    lora_alpha: int = _f(32, "LoRA scaling numerator (scale = lora_alpha / r).")
+    lora_dropout: float = _f(0.1, "Dropout on the LoRA input.")
+    target_modules: Any = _f(["q_proj", "v_proj"], "Module names to adapt, or 'all-linear'.")
+    bias: str = _f("none", "none, all or lora_only.")
+    use_dora: bool = _f(False, "Weight-decomposed LoRA (DoRA).")
+    use_rslora: bool = _f(False, "Rank-stabilised scaling lora_alpha / sqrt(r).")
+    modules_to_save: list | None = _f(None, "Modules trained fully beside LoRA (e.g. [lm_head]).")
+
+
+@dataclass
+class TrainArgs:
+    learning_rate: float | None = _f(None, "Peak learning rate (method default: 2e-4 LoRA/QLoRA, 3e-5 full).")
+    num_train_epochs: float = _f(3.0, "Passes over the training data.")
+    max_steps: int = _f(-1, "Stop after this many optimizer steps (-1: use epochs).")
+    per_device_train_batch_size: int = _f(4, "Examples per step (packed without padding).")
+    gradient_accumulation_steps: int | None = _f(None, "Steps whose gradients add up before an update (full default 4).")
+    weight_decay: float | None = _f(None, "AdamW weight decay (full default 0.01, LoRA 0).")
+    warmup_steps: float = _f(0.03, "Linear warmup: a step count, or a share of all steps when < 1.")
+    lr_scheduler_type: str = _f("cosine", "Learning-rate schedule after warmup.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping.")
+    optim: str = _f("adamw_torch", "Optimizer name as transformers names it (e.g. paged_adamw_8bit on CUDA).")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward: less memory, ~30% slower.")
+    seed: int = _f(42, "Seed for data order, dropout and initialisation.")
+    logging_steps: int = _f(1, "Log metrics every N steps.")
+    eval_steps: int = _f(0, "Evaluate every N steps (0: once per epoch).")
+    save_steps: int = _f(0, "Checkpoint every N steps (0: once per epoch).")
+    save_total_limit: int = _f(2, "Checkpoints kept (oldest deleted first).")
+
+
+SECTIONS = {"model": ModelArgs, "data": DataArgs, "lora": LoraArgs, "train": TrainArgs}
+
+METHOD_DEFAULTS = {
+    "qlora": {"learning_rate": 2e-4, "gradient_accumulation_steps": 1, "weight_decay": 0.0},
+    "lora": {"learning_rate": 2e-4, "gradient_accumulation_steps": 1, "weight_decay": 0.0},
+    "full": {"learning_rate": 3e-5, "gradient_accumulation_steps": 4, "weight_decay": 0.01},
+}
+
+
+class ConfigError(ValueError):
+    """A bad key or value in a run config; the message lists every problem."""
+
+
+@dataclass
+class RunSpec:
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    lora: LoraArgs = field(default_factory=LoraArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    preset: str | None = None
+
+    # -- building ---------------------------------------------------------------------------------
+    @classmethod
+    def from_flat(cls, values: dict, base: "RunSpec | None" = None) -> "RunSpec":
+        """Apply flat keys (``r``, ``learning_rate``...) onto ``base`` (or defaults)."""
+        spec = dataclasses.replace(base) if base else cls()
+        sections = {name: dataclasses.replace(getattr(spec, name)) for name in SECTIONS}
+        owner = {f.name: name for name, kind in SECTIONS.items() for f in fields(kind)}
+        unknown = [k for k in values if k not in owner and k != "preset"]
+        if unknown:
+            raise ConfigError(f"unknown key(s): {', '.join(sorted(unknown))} (see `backend/config.py`)")
+        for key, value in values.items():
+            if key == "preset":
+                spec.preset = value
+            else:
+                setattr(sections[owner[key]], key, value)
+        spec = dataclasses.replace(spec, **sections)
+        spec.validate()
+        return spec
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunSpec":
+        """Read a nested (config.yaml) or flat (preset) mapping."""
+        flat = {}
+        for key, value in (d or {}).items():
+            if key in SECTIONS and isinstance(value, dict):
+                flat.update(value)
+            else:
+                flat[key] = value
+        return cls.from_flat(flat)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunSpec":
+        try:
+            return cls.from_dict(yaml.safe_load(Path(path).read_text(encoding="utf-8")))
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+
+    def to_dict(self) -> dict:
+        d = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        return {"preset": self.preset, **d}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+    def resolved(self) -> "RunSpec":
+        """Fill method-dependent defaults (left None) from ``METHOD_DEFAULTS``."""
+        train = dataclasses.replace(self.train)
+        for key, value in METHOD_DEFAULTS[self.model.method].items():
+            if getattr(train, key) is None:
+                setattr(train, key, value)
+        return dataclasses.replace(self, train=train)
+
+    # -- checking ---------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Gather every problem and raise once, naming the fields."""
+        problems = []
+        m, d, lo, t = self.model, self.data, self.lora, self.train
+        if m.method not in METHODS:
+            problems.append(f"method must be one of {', '.join(METHODS)}, not {m.method!r}")
+        checks = [
+            (lo.r, int, lambda v: v > 0, "r must be a positive integer"),
+            (lo.lora_alpha, (int, float), lambda v: v > 0, "lora_alpha must be positive"),
+            (lo.lora_dropout, (int, float), lambda v: 0 <= v < 1, "lora_dropout must be in [0, 1)"),
+            (d.max_length, int, lambda v: v > 0, "max_length must be a positive integer"),
+            (d.val_size, (int, float), lambda v: v >= 0, "val_size must be >= 0"),
+            (d.mix_ratio, (int, float), lambda v: v >= 0, "mix_ratio must be >= 0"),
+            (t.num_train_epochs, (int, float), lambda v: v > 0, "num_train_epochs must be positive"),
+            (t.max_steps, int, lambda v: v == -1 or v > 0, "max_steps must be -1 or positive"),
+            (t.per_device_train_batch_size, int, lambda v: v > 0, "per_device_train_batch_size must be positive"),
+            (t.max_grad_norm, (int, float), lambda v: v >= 0, "max_grad_norm must be >= 0"),
+            (t.save_total_limit, int, lambda v: v >= 1, "save_total_limit must be >= 1"),
+        ]
+        for value, kind, ok, message in checks:
+            if isinstance(value, bool) or not isinstance(value, kind) or not ok(value):
+                problems.append(f"{message} (got {value!r})")
+        for name in ("learning_rate", "gradient_accumulation_steps", "weight_decay"):
+            value = getattr(t, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+                problems.append(f"{name} must be a non-negative number (got {value!r})")
+        if not (lo.target_modules == "all-linear" or isinstance(lo.target_modules, list)):
+            problems.append(f"target_modules must be a list of names or 'all-linear' (got {lo.target_modules!r})")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+def parse_set(items: list[str]) -> dict:
+    """``["r=8", "target_modules=[q_proj,v_proj]"]`` -> ``{"r": 8, "target_modules": [...]}``."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set takes KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key}: {value!r} is not a YAML value") from exc
+    return out
+
+
+def field_help() -> dict[str, str]:
+    """Flat key -> help text, for the CLI and the UI."""
+    return {f.name: f.metadata.get("help", "") for kind in SECTIONS.values() for f in fields(kind)}

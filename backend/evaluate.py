@@ -1,0 +1,50 @@
+"""Loss and perplexity of the base and the tuned model on the same conversations.
+
+The loss is the mean cross-entropy over the tokens training learns (assistant turns with their
+end-of-turn token), so base and tuned are scored on exactly what the run was taught.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import data as data_mod
+from . import template
+from .playground import LoadedRun
+from .runs import RunFolder
+
+
+def conversation_loss(model, tokenizer, conversations, system_prompt, max_length) -> dict:
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for enc in data_mod.encode_all(tokenizer, conversations, system_prompt, max_length):
+            ids = torch.tensor([enc["input_ids"]], device=model.device)
+            labels = torch.tensor([enc["labels"]], device=model.device)
+            n = int((labels[:, 1:] != template.IGNORE_INDEX).sum())
+            if n == 0:
+                continue
+            loss = model(input_ids=ids, labels=labels).loss
+            total += float(loss) * n
+            count += n
+    mean = total / max(count, 1)
+    return {"loss": round(mean, 5), "perplexity": round(math.exp(min(mean, 50)), 4), "tokens": count}
+
+
+def evaluate(loaded: LoadedRun, run_dir, data: str | None = None, sides=("base", "tuned")) -> dict:
+    """Base vs tuned on ``data`` (default: the run's validation split)."""
+    spec = loaded.spec
+    if data:
+        conversations = data_mod.prepare(data, val_size=0).train
+    else:
+        _, conversations = data_mod.load_split(RunFolder(run_dir).data_dir)
+        if not conversations:
+            conversations, _ = data_mod.load_split(RunFolder(run_dir).data_dir)
+    out = {}
+    for side in sides:
+        model, context = loaded.model_for(side)
+        with loaded.lock, context:
+            out[side] = conversation_loss(model, loaded.tokenizer, conversations,
+                                          spec.data.system_prompt, spec.data.max_length)
+    return out

