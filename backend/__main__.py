@@ -123,9 +123,19 @@ def cmd_eval(a) -> int:
     return 0
 
 
+def cmd_setup(a) -> int:
+    from .models import embedded_model_dir
+
+    print(f"embedded model: {embedded_model_dir()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m backend", description="Fine-tuning studio, headless.")
     sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("setup", help="install the embedded model (converts it once)")
+    s.set_defaults(func=cmd_setup)
 
     s = sub.add_parser("prepare", help="check and summarise a dataset")
     s.add_argument("data")

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
+from transformers import TrainerCallback, set_seed
 
 from . import data as data_mod
 from . import models, template
@@ -57,6 +57,7 @@ def train(spec: RunSpec, run_dir: str | Path, resume: bool = False) -> RunFolder
             spec.model.chat_template,
         )
         train_ds, val_ds, summary = _setup_data(run, spec, tokenizer, reuse=checkpoint is not None)
+        set_seed(spec.train.seed)  # LoRA's initial weights come from this generator
         model, precision = _setup_model(spec)
         notices = [precision.notice] if precision.notice else []
         for n in notices:
@@ -183,7 +184,7 @@ def _trainer(run, spec, model, tokenizer, train_ds, val_ds, precision):
         lr_scheduler_type=t.lr_scheduler_type,
         max_grad_norm=t.max_grad_norm,
         optim=t.optim,
-        gradient_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=t.gradient_checkpointing,
         seed=t.seed,
         data_seed=t.seed,
         logging_steps=t.logging_steps,

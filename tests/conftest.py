@@ -8,3 +8,37 @@ def tokenizer():
     from backend.models import load_tokenizer, resolve_model
 
     return load_tokenizer(resolve_model(None))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A randomly initialised 2-layer Llama with the embedded model's tokenizer and template."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+        initializer_range=0.2,  # large enough that a few LoRA steps can move the logits
+    )
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """24 short alpaca rows teaching a made-up identity, with some Chinese and emoji."""
+    import json
+
+    rows = []
+    for i in range(12):
+        rows.append({"instruction": f"Who are you? ({i})", "output": "I am Zed, made by Qux Labs. 🙂"})
+        rows.append({"instruction": f"你是谁？（{i}）", "output": "我是 Zed，由 Qux Labs 开发。"})
+    path = tmp_path_factory.mktemp("data") / "tiny.json"
+    path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    return path

@@ -1,0 +1,130 @@
+"""backend/train.py on a tiny random model: the run folder, resume after SIGKILL, save/reload."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from backend import template
+from backend import train as train_mod
+from backend.config import RunSpec
+from backend.presets import build_spec
+from backend.runs import RunFolder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_spec(model_dir, data, method="lora", **overrides):
+    values = dict(model=str(model_dir), data=str(data), method=method, learning_rate=5e-2,
+                  num_train_epochs=3, per_device_train_batch_size=4, target_modules="all-linear",
+                  lora_dropout=0.0)
+    values.update(overrides)
+    return build_spec(values)
+
+
+def cli(*args, check=True, **kw):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "backend", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}: {proc.stderr[-2000:]}")
+    return proc
+
+
+def loss_records(run):
+    return [m for m in run.metrics() if "loss" in m]
+
+
+def test_lora_run_folder_describes_itself(tmp_path, tiny_model_dir, tiny_data):
+    spec = tiny_spec(tiny_model_dir, tiny_data)
+    run = train_mod.train(spec, tmp_path / "run")
+
+    assert RunSpec.load(run.config_path).to_dict() == spec.to_dict()  # enough to re-run
+    status = run.status()
+    assert status["state"] == "completed" and status["step"] == status["total_steps"] > 0
+    assert "fp32" in " ".join(status["notices"])  # the CPU notice is in the status, not only the log
+    losses = loss_records(run)
+    assert [m["step"] for m in losses] == list(range(1, status["total_steps"] + 1))
+    for key in ("epoch", "learning_rate", "tokens_per_second", "elapsed_s", "eta_s", "memory_mb"):
+        assert key in losses[-1]
+    assert any("eval_loss" in m for m in run.metrics())
+    assert losses[-1]["loss"] < losses[0]["loss"] - 2  # it learns (from ln(vocab) ~ 10.8)
+    assert (run.adapter_dir / "adapter_model.safetensors").exists()
+    assert (run.data_dir / "train.jsonl").exists() and (run.data_dir / "val.jsonl").exists()
+    assert run.checkpoints() and len(run.checkpoints()) <= spec.train.save_total_limit
+
+
+def test_full_and_qlora_runs_save_their_results(tmp_path, tiny_model_dir, tiny_data):
+    full = train_mod.train(tiny_spec(tiny_model_dir, tiny_data, "full", max_steps=3), tmp_path / "full")
+    assert (full.model_dir / "model.safetensors").exists() and full.status()["state"] == "completed"
+    qlora = train_mod.train(tiny_spec(tiny_model_dir, tiny_data, "qlora", max_steps=3), tmp_path / "q")
+    assert qlora.result_dir() == qlora.adapter_dir
+    assert "qlora computes in fp32" in qlora.status()["notices"][0]
+
+
+def test_saved_adapter_reloads_in_a_fresh_process_with_the_same_greedy_output(
+        tmp_path, tiny_model_dir, tiny_data, monkeypatch):
+    captured = {}
+    save = train_mod._save_result
+
+    def keep_model(run, spec, trainer, tokenizer):
+        captured["model"], captured["tokenizer"] = trainer.model, tokenizer
+        save(run, spec, trainer, tokenizer)
+
+    monkeypatch.setattr(train_mod, "_save_result", keep_model)
+    spec = tiny_spec(tiny_model_dir, tiny_data, max_steps=8)
+    run = train_mod.train(spec, tmp_path / "run")
+
+    model, tok = captured["model"].eval(), captured["tokenizer"]
+    ids = torch.tensor([template.prompt_ids(tok, [{"role": "user", "content": "Who are you?"}],
+                                            spec.data.system_prompt)])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                             do_sample=False, eos_token_id=sorted(template.end_of_turn_ids(tok)))
+    before = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+    proc = cli("generate", "--run", run.path, "--prompt", "Who are you?", "--max-new-tokens", 12, "--json")
+    answers = json.loads(proc.stdout)
+    assert answers["tuned"] == before
+    assert answers["base"] != answers["tuned"]
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, tiny_model_dir, tiny_data):
+    sets = ["--set", "max_steps=24", "--set", "save_steps=3", "--set", "learning_rate=0.01",
+            "--set", "lora_dropout=0.1", "--set", "target_modules=all-linear",
+            "--set", "per_device_train_batch_size=4"]
+    common = ["--data", tiny_data, "--model", tiny_model_dir, "--method", "lora", *sets]
+    cli("train", *common, "--out", tmp_path / "whole")
+
+    killed = RunFolder(tmp_path / "killed")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "backend", "train", *map(str, common), "--out",
+                             str(killed.path)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (killed.checkpoints_dir / "checkpoint-6" / "COMPLETE").exists():
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert killed.status()["state"] == "running"  # killed mid-run, not finished
+    assert killed.result_dir() is None
+    step_at_kill = int(killed.latest_checkpoint().name.split("-")[1])
+    assert 6 <= step_at_kill < 24
+
+    cli("train", "--config", killed.config_path, "--resume")
+    assert killed.status()["state"] == "completed" and killed.status()["resumed_from"]
+    steps = [m["step"] for m in loss_records(killed)]
+    assert steps == list(range(1, 25))  # contiguous, no step twice
+
+    whole = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
+    resumed = load_file(killed.adapter_dir / "adapter_model.safetensors")
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        torch.testing.assert_close(resumed[key], whole[key], rtol=1e-4, atol=1e-5)
