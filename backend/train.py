@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback, set_seed
+from transformers import Trainer, TrainerCallback, set_seed
 
 from . import data as data_mod
 from . import models, template
@@ -168,7 +168,7 @@ def _setup_model(spec: RunSpec):
 
 # -- 4. trainer ---------------------------------------------------------------------------------
 def _trainer(run, spec, model, tokenizer, train_ds, val_ds, precision):
-    from transformers import DataCollatorWithFlattening, PrinterCallback, Trainer, TrainingArguments
+    from transformers import DataCollatorWithFlattening, PrinterCallback, TrainingArguments
 
     t = spec.train
     args = TrainingArguments(
@@ -202,13 +202,23 @@ def _trainer(run, spec, model, tokenizer, train_ds, val_ds, precision):
         dataloader_num_workers=0,
         remove_unused_columns=False,
     )
-    trainer = Trainer(
+    trainer = StudioTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
         data_collator=DataCollatorWithFlattening(), processing_class=tokenizer,
         callbacks=[RunCallback(run)],
     )
     trainer.remove_callback(PrinterCallback)  # RunCallback prints one readable line per log
     return trainer
+
+
+class StudioTrainer(Trainer):
+    """Evaluation leaves the random generators as it found them, so a run resumed from a checkpoint
+    draws the same dropout masks as one that never stopped (creating the eval dataloader would
+    otherwise consume a draw that the resumed run, which skips that evaluation, never makes)."""
+
+    def evaluate(self, *args, **kwargs):
+        with torch.random.fork_rng():
+            return super().evaluate(*args, **kwargs)
 
 
 def peak_memory_mb() -> float:
