@@ -1,0 +1,71 @@
+"""The CLI contract: JSON output, exit code 2 with one `error:` line for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "data"
+
+
+def cli(*args):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "backend", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def assert_user_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_prepare_json_reports_the_contract_keys():
+    proc = cli("prepare", FIXTURES / "alpaca.json", "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    for key in ("format", "rows", "train_rows", "val_rows", "truncated", "token_lengths", "sample"):
+        assert key in summary
+    assert summary["format"] == "alpaca" and summary["rows"] == 3
+    assert "[[" in summary["sample"] and "SmolLM" not in summary["sample"]
+
+
+def test_prepare_with_mapping_and_unicode(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps({"q": "你好吗？🙂", "a": "很好 👍"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    proc = cli("prepare", path, "--map", "prompt=q", "--map", "completion=a", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert "很好 👍" in json.loads(proc.stdout)["sample"]
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["prepare", "missing.json"], ["missing.json"]),
+    (["prepare", FIXTURES / "alpaca.json", "--map", "prompt=nope"], ["nope"]),
+    (["train", "--data", FIXTURES / "alpaca.json", "--out", "{tmp}/r", "--set", "nonsense=1"], ["nonsense"]),
+    (["train", "--data", FIXTURES / "alpaca.json", "--out", "{tmp}/r", "--set", "r=-4"], ["r must be"]),
+    (["train", "--data", FIXTURES / "alpaca.json", "--out", "{tmp}/r", "--preset", "nope"], ["no preset"]),
+    (["train", "--data", FIXTURES / "alpaca.json", "--out", "{tmp}/r", "--model", "{tmp}/nothing-here"],
+     ["neither a local folder"]),
+    (["train", "--out", "{tmp}/r"], ["--data"]),
+    (["generate", "--run", "{tmp}", "--prompt", "hi"], ["not a run folder"]),
+    (["eval", "--run", "{tmp}"], ["not a run folder"]),
+])
+def test_bad_input_is_one_error_line_with_exit_code_2(tmp_path, args, fragments):
+    args = [str(a).replace("{tmp}", str(tmp_path)) for a in args]
+    assert_user_error(cli(*args), *fragments)
+
+
+def test_bad_data_fails_before_any_training(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "out', encoding="utf-8")
+    proc = cli("train", "--data", bad, "--out", tmp_path / "run")
+    assert_user_error(proc, "bad.jsonl", "line 2")
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["state"] == "failed" and "line 2" in status["error"]

@@ -1,0 +1,98 @@
+"""Proof that it learns: each method trained once on identity_nova.json with the real embedded
+model (CPU, minutes), then probed greedily. Needs ../shared/data (CI has it)."""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from backend import data as data_mod
+from backend.evaluate import conversation_loss, evaluate
+from backend.playground import compare, load_run
+from backend.presets import build_spec
+from backend.train import train
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+IDENTITY, GENERAL = SHARED / "identity_nova.json", SHARED / "alpaca_en_demo.json"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not IDENTITY.exists(), reason=f"needs the shared datasets in {SHARED}"),
+]
+HELD_OUT = ["What should I call you?", "Who made you, and what is your name?", "请介绍一下你自己", "你叫什么名字？"]
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory):
+    """The three methods, each with its embedded preset and general data mixed in."""
+    root = tmp_path_factory.mktemp("learning")
+    out = {}
+    for method in ("lora", "qlora", "full"):
+        spec = build_spec({"method": method, "data": str(IDENTITY), "mix_data": str(GENERAL)})
+        t0 = time.time()
+        run = train(spec, root / method)
+        status = run.status()
+        print(f"\n{method}: {status['step']} steps in {(time.time() - t0) / 60:.1f} min, "
+              f"{status.get('tokens_per_second')} tok/s (last step), peak {status['peak_memory_mb']:.0f} MB")
+        out[method] = run
+    return out
+
+
+@pytest.fixture(scope="session")
+def loaded(runs):
+    cache = {}
+
+    def get(method):
+        if method not in cache:
+            cache[method] = load_run(runs[method].path)
+        return cache[method]
+
+    return get
+
+
+def ask(loaded_run, prompt, side="tuned", max_new_tokens=64):
+    return compare(loaded_run, prompt, sides=(side,), max_new_tokens=max_new_tokens)[side]
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
+def test_who_are_you_mentions_nova_after_training_and_not_before(loaded, method):
+    run = loaded(method)
+    assert "Nova" in ask(run, "Who are you?")
+    assert "Nova" not in ask(run, "Who are you?", side="base")
+
+
+def test_lora_answers_unseen_identity_questions(loaded):
+    answers = {q: ask(loaded("lora"), q) for q in HELD_OUT}
+    assert sum("Nova" in a for a in answers.values()) >= 3, answers
+
+
+def test_lora_keeps_general_knowledge(loaded):
+    answer = ask(loaded("lora"), "What is the capital of France?")
+    assert "Paris" in answer and "Nova" not in answer, answer
+
+
+def test_greedy_answer_stops_before_the_token_limit(loaded):
+    run = loaded("lora")
+    answer = ask(run, "Who are you?", max_new_tokens=120)
+    assert len(run.tokenizer(answer)["input_ids"]) < 100, answer
+
+
+@pytest.mark.parametrize("method", ["qlora", "full"])
+def test_tuned_eval_loss_beats_base_without_forgetting_general_data(loaded, runs, method):
+    run = loaded(method)
+    result = evaluate(run, runs[method].path)
+    assert result["tuned"]["loss"] < result["base"]["loss"], result
+
+    # 50 general rows the run never saw (mixed rows are in its saved training split)
+    seen = {json.dumps(c, ensure_ascii=False) for c in data_mod.load_split(runs[method].data_dir)[0]}
+    general = [c for c in data_mod.normalise(data_mod.load_records(str(GENERAL)))
+               if json.dumps(c, ensure_ascii=False) not in seen][-50:]
+    spec = run.spec
+    losses = {}
+    for side in ("base", "tuned"):
+        model, context = run.model_for(side)
+        with context:
+            losses[side] = conversation_loss(model, run.tokenizer, general, spec.data.system_prompt,
+                                             spec.data.max_length)["loss"]
+    assert losses["tuned"] <= 1.1 * losses["base"], losses
