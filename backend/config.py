@@ -79,11 +79,24 @@ class TrainArgs:
 
 SECTIONS = {"model": ModelArgs, "data": DataArgs, "lora": LoraArgs, "train": TrainArgs}
 
+NUMERIC_KEYS = {f.name for kind in SECTIONS.values() for f in fields(kind)
+                if "float" in str(f.type) or "int" in str(f.type)}
+
 METHOD_DEFAULTS = {
     "qlora": {"learning_rate": 2e-4, "gradient_accumulation_steps": 1, "weight_decay": 0.0},
     "lora": {"learning_rate": 2e-4, "gradient_accumulation_steps": 1, "weight_decay": 0.0},
     "full": {"learning_rate": 3e-5, "gradient_accumulation_steps": 4, "weight_decay": 0.01},
 }
+
+
+def _number(value):
+    """YAML 1.1 reads ``1e-4`` (no dot) as a string: take such strings as numbers."""
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value.lower() for c in ".e") else int(value)
+        except ValueError:
+            pass
+    return value
 
 
 class ConfigError(ValueError):
@@ -112,7 +125,8 @@ class RunSpec:
             if key == "preset":
                 spec.preset = value
             else:
-                setattr(sections[owner[key]], key, value)
+                numeric = key in NUMERIC_KEYS
+                setattr(sections[owner[key]], key, _number(value) if numeric else value)
         spec = dataclasses.replace(spec, **sections)
         spec.validate()
         return spec

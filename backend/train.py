@@ -119,7 +119,12 @@ def _setup_data(run: RunFolder, spec: RunSpec, tokenizer, reuse: bool):
                                     max_length=d.max_length, system_prompt=d.system_prompt,
                                     val_size=d.val_size, seed=spec.train.seed)
         if d.mix_data and d.mix_ratio > 0:
-            prepared.train = prepared.train + _general_rows(spec, len(prepared.train))
+            general = _general_rows(spec, len(prepared.train))
+            prepared.train = prepared.train + general
+            print(f"mixed {len(general)} general rows from {d.mix_data} into "
+                  f"{len(prepared.train) - len(general)} training rows", flush=True)
+        elif d.mix_ratio > 0:
+            print("notice: mix_ratio is set but mix_data is not: no general data mixed in", flush=True)
         data_mod.save_split(prepared, run.data_dir)
         train_rows, val_rows, summary = prepared.train, prepared.val, prepared.summary
         if summary.get("truncated"):
