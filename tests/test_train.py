@@ -128,3 +128,20 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, tiny_model_
     assert whole.keys() == resumed.keys()
     for key in whole:
         torch.testing.assert_close(resumed[key], whole[key], rtol=1e-4, atol=1e-5)
+
+
+def test_loss_on_learned_positions_only_equals_the_models_own_loss(tiny_model_dir, tokenizer):
+    from transformers import AutoModelForCausalLM, DataCollatorWithFlattening, TrainingArguments
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    convs = [[{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": "Answer " * i}]
+             for i in range(1, 4)]
+    features = [{k: e[k] for k in ("input_ids", "labels")} for e in
+                (template.encode(tokenizer, c, "Sys") for c in convs)]
+    batch = DataCollatorWithFlattening()(features)
+    trainer = train_mod.StudioTrainer(model=model, args=TrainingArguments("/tmp/unused", use_cpu=True,
+                                                                          report_to="none"))
+    expected = model(**batch).loss
+    torch.testing.assert_close(trainer.compute_loss(model, batch), expected)
+    n = int((batch["labels"][:, 1:] != -100).sum())
+    torch.testing.assert_close(trainer.compute_loss(model, batch, num_items_in_batch=2 * n), expected / 2)
