@@ -1,0 +1,50 @@
+"""backend/models.py: resolving --model, hub errors, the embedded model, method precision."""
+
+import pytest
+import torch
+
+from backend import models, template
+
+
+def test_local_folder_and_hub_id_resolve(tmp_path, tiny_model_dir):
+    assert models.resolve_model(str(tiny_model_dir)) == str(tiny_model_dir)
+    assert models.resolve_model("Qwen/Qwen2.5-7B-Instruct") == "Qwen/Qwen2.5-7B-Instruct"
+    with pytest.raises(models.ModelError, match="no config.json"):
+        models.resolve_model(str(tmp_path))
+    with pytest.raises(models.ModelError, match="neither a local folder"):
+        models.resolve_model("not a model")
+
+
+def test_gated_model_error_names_the_licence_and_token():
+    err = models.explain_load_error("meta-llama/Llama-3.1-8B-Instruct", OSError("401 Client Error: gated repo"))
+    assert "accept its licence" in str(err) and "HF_TOKEN" in str(err)
+    assert "meta-llama/Llama-3.1-8B-Instruct" in str(err)
+
+
+def test_token_comes_from_the_environment_only(monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    assert "token" not in models.hub_kwargs()
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    assert models.hub_kwargs() == {"trust_remote_code": False, "token": "hf_secret"}
+
+
+def test_every_method_computes_in_fp32_on_cpu_and_says_so():
+    for method in ("qlora", "lora", "full"):
+        p = models.precision_for(method, "cpu")
+        assert p.compute_dtype == torch.float32 and p.mixed is None
+    assert "fp32" in models.precision_for("lora", "cpu").notice
+    assert models.precision_for("full", "cpu").notice is None
+
+
+@pytest.mark.slow
+def test_embedded_model_converts_once_and_answers_paris(tmp_path, monkeypatch):
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path))
+    folder = models.embedded_model_dir()
+    assert folder.parent.parent == tmp_path and (folder / "model.safetensors").exists()
+    assert models.embedded_model_dir() == folder  # reused, not converted again
+    tok = models.load_tokenizer(str(folder))
+    model, _ = models.load_base(str(folder), "lora")
+    ids = torch.tensor([template.prompt_ids(tok, [{"role": "user", "content": "What is the capital of France?"}],
+                                            "You are a helpful assistant.")])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
