@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ COMPLETE_MARK = "COMPLETE"
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
 
@@ -59,6 +60,11 @@ class RunFolder:
             return json.loads(self.status_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return {"state": "queued" if self.exists() else "missing"}
+
+    def add_notices(self, notices: list[str]) -> dict:
+        """Append notices to status.json, keeping the ones already there (no duplicates)."""
+        have = self.status().get("notices") or []
+        return self.set_status(notices=have + [n for n in notices if n not in have])
 
     def set_status(self, state: str | None = None, **fields) -> dict:
         status = self.status()

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import random
 import resource
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -60,7 +61,8 @@ def train(spec: RunSpec, run_dir: str | Path, resume: bool = False) -> RunFolder
         notices = summary.get("notes", []) + ([precision.notice] if precision.notice else [])
         for n in notices:
             print(f"notice: {n}", flush=True)
-        run.set_status("running", notices=notices, device=precision.device,
+        run.add_notices(notices)
+        run.set_status("running", device=precision.device,
                        train_rows=len(train_ds), val_rows=len(val_ds) if val_ds else 0)
         trainer = _trainer(run, spec, model, tokenizer, train_ds, val_ds, precision)
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -84,8 +86,9 @@ def _start(run: RunFolder, spec: RunSpec, resume: bool) -> Path | None:
         step = int(checkpoint.name.rsplit("-", 1)[1])
         run.truncate_metrics(after_step=step)
         print(f"resuming from {checkpoint.name}", flush=True)
-    elif run.metrics_path.exists():
-        run.metrics_path.unlink()
+    else:  # a fresh start: nothing of an earlier attempt may be resumed or plotted
+        run.metrics_path.unlink(missing_ok=True)
+        shutil.rmtree(run.checkpoints_dir, ignore_errors=True)
     run.write_config(spec)
     now = time.time()
     run.set_status("running", started_at=run.status().get("started_at") if checkpoint else now,

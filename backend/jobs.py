@@ -1,0 +1,518 @@
+"""The run queue: a persistent job list (SQLite) and a worker that trains one job per device.
+
+Two sources of truth, each for what it knows best:
+
+* the **run folder** (``backend.runs``, DESIGN.md contract 2) says how a run is going: the trainer
+  writes ``status.json`` and ``metrics.jsonl`` there, and the UI polls them;
+* the **database** (``STUDIO_HOME/jobs.sqlite3``, table ``jobs``) says what waits, in which order
+  (``id``), which process runs what (``pid``, ``device``), and who owns it.
+
+Life of a job::
+
+    submit -> queued -> running -> completed | failed | cancelled | interrupted
+                 ^                                  |          |           |
+                 +------------- resume -------------+----------+-----------+
+                 +-- out of memory: half the batch, twice the accumulation, again
+
+* ``Queue.submit`` writes ``config.yaml`` and ``status.json`` (``queued``) and inserts the row.
+* ``Worker`` (a thread) takes queued jobs in ``id`` order, one per device, and runs each as
+  ``python -m backend train --config RUN/config.yaml [--resume]`` in its own process group, output
+  appended to ``RUN/train.log``. A job is claimed inside one write transaction that succeeds only
+  while its row is still ``queued`` and that stores the pid before committing, so a job never runs
+  twice and a committed ``running`` row always names its process.
+* When the process ends, the final state is the one ``status.json`` gives (the trainer writes
+  ``completed``, ``failed`` with the error, or ``cancelled`` on SIGTERM). A process that ended with
+  ``status.json`` still ``running`` was killed (``kill -9``, a crash of the machine): ``interrupted``;
+  or, if it exited with an error code before training (a bad config), ``failed`` with the last line
+  of ``train.log``.
+  ``Queue.resume`` queues it again with ``--resume``, which continues from the last complete
+  checkpoint.
+* A run that failed out of memory is queued again with ``per_device_train_batch_size`` halved and
+  ``gradient_accumulation_steps`` doubled (the same effective batch), noted in ``status.json``'s
+  ``notices``; at batch 1 it fails with what to try instead.
+* ``Queue.recover`` (run when a worker starts, and on every worker tick for processes a worker in
+  this process did not start) turns ``running`` rows whose process is gone into their final state;
+  with ``auto_resume`` an interrupted job goes back into the queue. A pid counts as alive only if
+  the process has the start time recorded at launch, so a reused pid is not mistaken for the run.
+  Processes outlive the app (their own session): after a restart they keep their device and are
+  watched until they end.
+
+Every operation opens its own connection (WAL, short busy timeout), so the UI thread and the worker
+thread share a ``Queue`` safely. ``attempts`` counts how many times a job has been started.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .config import RunSpec
+from .paths import studio_home
+from .runs import RunFolder
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository: the training subprocess's cwd
+RESUMABLE = ("failed", "cancelled", "interrupted")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,   -- queue order
+    run_id           TEXT NOT NULL UNIQUE,
+    run_dir          TEXT NOT NULL,
+    owner            TEXT NOT NULL DEFAULT '',
+    state            TEXT NOT NULL,
+    pid              INTEGER,                             -- also the process group id
+    pid_start        INTEGER,                             -- its start time (/proc/PID/stat), against pid reuse
+    attempts         INTEGER NOT NULL DEFAULT 0,          -- times started
+    auto_resume      INTEGER NOT NULL DEFAULT 0,
+    resume           INTEGER NOT NULL DEFAULT 0,          -- next start passes --resume
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    created_at       REAL NOT NULL,
+    started_at       REAL,
+    ended_at         REAL,
+    error            TEXT,
+    device           TEXT,                                -- CUDA_VISIBLE_DEVICES value, or 'cpu'
+    notices          TEXT NOT NULL DEFAULT '[]'           -- the queue's own notes (JSON list)
+)
+"""
+
+
+class JobError(ValueError):
+    """An operation that does not fit the job's state (or a job that does not exist)."""
+
+
+@dataclass
+class Job:
+    """One row of the ``jobs`` table."""
+
+    id: int
+    run_id: str
+    run_dir: str
+    owner: str
+    state: str
+    pid: int | None
+    pid_start: int | None
+    attempts: int
+    auto_resume: bool
+    resume: bool
+    cancel_requested: bool
+    created_at: float
+    started_at: float | None
+    ended_at: float | None
+    error: str | None
+    device: str | None
+    notices: list = field(default_factory=list)
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> "Job":
+        d = dict(row)
+        for key in ("auto_resume", "resume", "cancel_requested"):
+            d[key] = bool(d[key])
+        d["notices"] = json.loads(d["notices"] or "[]")
+        return cls(**d)
+
+    @property
+    def run(self) -> RunFolder:
+        return RunFolder(self.run_dir)
+
+
+# -- the queue ----------------------------------------------------------------------------------
+class Queue:
+    """The job table plus the run folders it points to. Thread-safe: one connection per call."""
+
+    def __init__(self, db_path: str | Path | None = None, runs_root: str | Path | None = None):
+        self.db_path = Path(db_path) if db_path else studio_home() / "jobs.sqlite3"
+        self.runs_root = Path(runs_root) if runs_root else studio_home() / "runs"
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        with closing(self._connect()) as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(SCHEMA)
+
+    # -- database plumbing
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.db_path, timeout=5.0, isolation_level=None)  # autocommit
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    @contextmanager
+    def _transaction(self):
+        """A write transaction taken up front, so check-then-update cannot interleave."""
+        with closing(self._connect()) as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def _transition(self, run_id: str, from_states: tuple, then: Callable[[], object] | None = None,
+                    **values) -> bool:
+        """Set ``values`` if the job is in one of ``from_states``, and then call ``then`` (which
+        writes ``status.json``) before committing, so a worker claiming the job cannot interleave.
+        False if the job was in another state."""
+        values = {k: json.dumps(v) if k == "notices" else v for k, v in values.items()}
+        sets = ", ".join(f"{k} = ?" for k in values)
+        marks = ", ".join("?" for _ in from_states)
+        with self._transaction() as conn:
+            cur = conn.execute(f"UPDATE jobs SET {sets} WHERE run_id = ? AND state IN ({marks})",
+                               (*values.values(), run_id, *from_states))
+            if cur.rowcount != 1:
+                return False
+            if then is not None:
+                then()
+        return True
+
+    # -- reading
+    def list(self, owner: str | None = None) -> list[Job]:
+        """Every job in queue order (``id``), or only ``owner``'s."""
+        with closing(self._connect()) as conn:
+            if owner is None:
+                rows = conn.execute("SELECT * FROM jobs ORDER BY id").fetchall()
+            else:
+                rows = conn.execute("SELECT * FROM jobs WHERE owner = ? ORDER BY id", (owner,)).fetchall()
+        return [Job.from_row(r) for r in rows]
+
+    def get(self, run_id: str) -> Job:
+        with closing(self._connect()) as conn:
+            row = conn.execute("SELECT * FROM jobs WHERE run_id = ?", (run_id,)).fetchone()
+        if row is None:
+            raise JobError(f"no job {run_id!r}")
+        return Job.from_row(row)
+
+    # -- what users do
+    def submit(self, spec: RunSpec, owner: str = "", name: str | None = None,
+               auto_resume: bool = False) -> Job:
+        """Write the run folder (``config.yaml``, ``status.json`` queued) and queue it."""
+        spec = spec.resolved()
+        while True:  # a clash needs the same second and the same 4 random hex digits
+            run_id = _run_id(name or spec.model.method)
+            run = RunFolder(self.runs_root / run_id)
+            try:
+                run.path.mkdir(parents=True)
+                break
+            except FileExistsError:
+                continue
+        now = time.time()
+        try:
+            run.write_config(spec)
+            run.set_status("queued", run_id=run_id, name=name, owner=owner, created_at=now,
+                           method=spec.model.method)
+            with closing(self._connect()) as conn:
+                conn.execute("INSERT INTO jobs (run_id, run_dir, owner, state, auto_resume, created_at) "
+                             "VALUES (?, ?, ?, 'queued', ?, ?)",
+                             (run_id, str(run.path.resolve()), owner or "", int(auto_resume), now))
+        except BaseException:
+            shutil.rmtree(run.path, ignore_errors=True)
+            raise
+        return self.get(run_id)
+
+    def cancel(self, run_id: str, user: str | None = None, admin: bool = False) -> Job:
+        """Queued: leaves the queue. Running: SIGTERM to its process group; the trainer saves
+        nothing more, marks the run ``cancelled`` (its checkpoints stay) and the worker records it."""
+        job = self._owned(run_id, user, admin)
+        now = time.time()
+        error = "cancelled before it started"
+        if self._transition(run_id, ("queued",), state="cancelled", ended_at=now, error=error,
+                            then=lambda: job.run.set_status("cancelled", ended_at=now, error=error)):
+            return self.get(run_id)
+        if self._transition(run_id, ("running",), cancel_requested=1):
+            job = self.get(run_id)
+            if _alive(job.pid, job.pid_start):
+                try:
+                    os.killpg(job.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass  # ended in between: the worker records how
+            return self.get(run_id)
+        raise JobError(f"{run_id} is {self.get(run_id).state}: only a queued or running job can be cancelled")
+
+    def resume(self, run_id: str, user: str | None = None, admin: bool = False) -> Job:
+        """Queue an interrupted, failed or cancelled job again; it continues from its last
+        complete checkpoint (``train --resume``), or starts over if it has none."""
+        job = self._owned(run_id, user, admin)
+        if not self._requeue(job, resume=True):
+            raise JobError(f"{run_id} is {self.get(run_id).state}: only {', '.join(RESUMABLE)} jobs resume")
+        return self.get(run_id)
+
+    def delete(self, run_id: str, user: str | None = None, admin: bool = False) -> None:
+        """Remove the job and its run folder; a running job must be cancelled first."""
+        job = self._owned(run_id, user, admin)
+        with closing(self._connect()) as conn:
+            deleted = conn.execute("DELETE FROM jobs WHERE run_id = ? AND state != 'running'",
+                                   (run_id,)).rowcount
+        if not deleted:
+            raise JobError(f"{run_id} is running: cancel it before deleting it")
+        shutil.rmtree(job.run_dir, ignore_errors=True)
+
+    def _owned(self, run_id: str, user: str | None, admin: bool) -> Job:
+        job = self.get(run_id)
+        if job.owner and not admin and user != job.owner:
+            raise PermissionError(f"{run_id} belongs to {job.owner!r}")
+        return job
+
+    def _requeue(self, job: Job, resume: bool) -> bool:
+        return self._transition(job.run_id, RESUMABLE, state="queued", resume=int(resume),
+                                cancel_requested=0, pid=None, pid_start=None, error=None, ended_at=None,
+                                then=lambda: job.run.set_status("queued", error=None, ended_at=None))
+
+    # -- restart recovery
+    def recover(self, skip: set | frozenset = frozenset()) -> list[Job]:
+        """Settle ``running`` jobs whose process is gone (or is no longer ours): their final state
+        comes from ``status.json``, or ``interrupted`` if it still says running; an interrupted job
+        with ``auto_resume`` is queued again with ``--resume``. ``skip``: run ids that a worker in
+        this process watches itself. Returns the jobs it settled."""
+        settled = []
+        for job in self.list():
+            if job.state == "running" and job.run_id not in skip and not _alive(job.pid, job.pid_start):
+                settled.append(self.finish(job.run_id, auto_resume=True))
+        return settled
+
+    # -- what the worker does
+    def claim(self, device: str, launch: Callable[[Job], subprocess.Popen]) -> tuple[Job, subprocess.Popen] | None:
+        """Start the first queued job on ``device``: in one write transaction, mark it running
+        (only if still queued) and ``launch`` it, storing its pid before the commit."""
+        with self._transaction() as conn:
+            row = conn.execute("SELECT * FROM jobs WHERE state = 'queued' ORDER BY id LIMIT 1").fetchone()
+            if row is None:
+                return None
+            now = time.time()
+            claimed = conn.execute(
+                "UPDATE jobs SET state = 'running', device = ?, started_at = ?, ended_at = NULL, error = NULL, "
+                "attempts = attempts + 1 WHERE id = ? AND state = 'queued'", (device, now, row["id"])).rowcount
+            if not claimed:
+                return None
+            job = Job.from_row(conn.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone())
+            job.run.set_status("running", device=device, attempt=job.attempts, ended_at=None, error=None)
+            try:
+                proc = launch(job)
+            except Exception as exc:  # e.g. the interpreter cannot be executed
+                error = f"could not start the training process: {type(exc).__name__}: {exc}"
+                conn.execute("UPDATE jobs SET state = 'failed', ended_at = ?, error = ? WHERE id = ?",
+                             (now, error, job.id))
+                job.run.set_status("failed", ended_at=now, error=error)
+                return None
+            conn.execute("UPDATE jobs SET pid = ?, pid_start = ? WHERE id = ?",
+                         (proc.pid, _start_time(proc.pid), job.id))
+        return self.get(job.run_id), proc
+
+    def finish(self, run_id: str, returncode: int | None = None, auto_resume: bool = False) -> Job:
+        """Record how a job's process ended (it must have ended). See the module docstring."""
+        job = self.get(run_id)
+        run = job.run
+        status = run.status()
+        state, error = status.get("state"), status.get("error")
+        if state not in ("completed", "failed", "cancelled"):  # the trainer did not say how it ended
+            if job.cancel_requested:  # SIGTERM came before the trainer could catch it
+                state, error = "cancelled", "cancelled by the user"
+            elif returncode is not None and returncode > 0:  # exited before training, e.g. a bad config
+                state, error = "failed", _last_log_line(run) or f"exit code {returncode}"
+            else:  # killed (kill -9, out of host memory, power) or ended unseen
+                state, error = "interrupted", (
+                    f"the training process stopped without finishing ({_exit_text(returncode)}); "
+                    "resume continues from the last complete checkpoint")
+        now = time.time()
+        notices = status.get("notices") or []
+        notices = notices + [n for n in job.notices if n not in notices]  # train.py rewrites the list
+        if not self._transition(run_id, ("running",), state=state, ended_at=now, error=error,
+                                then=lambda: run.set_status(state, ended_at=status.get("ended_at") or now,
+                                                            error=error, notices=notices)):
+            return self.get(run_id)  # someone else recorded it first
+        if state == "failed" and _is_out_of_memory(error):
+            self._retry_smaller(self.get(run_id))
+        elif state == "interrupted" and auto_resume and job.auto_resume:
+            self._requeue(job, resume=True)
+        return self.get(run_id)
+
+    def _retry_smaller(self, job: Job) -> None:
+        """Out of memory: halve the batch, double the accumulation, queue again from scratch."""
+        run = job.run
+        spec = run.spec()
+        t = spec.train
+        batch, accumulation = t.per_device_train_batch_size, t.gradient_accumulation_steps or 1
+        if batch <= 1:
+            tips = [f"a shorter max_length (now {spec.data.max_length})"]
+            if spec.model.method != "qlora":
+                tips.insert(0, "method qlora (a 4-bit base)")
+            if not t.gradient_checkpointing:
+                tips.append("gradient_checkpointing=true")
+            error = f"{job.error}\nOut of memory even at per_device_train_batch_size=1: try {' or '.join(tips)}."
+            self._transition(job.run_id, ("failed",), error=error)
+            run.set_status(error=error)
+            return
+        t.per_device_train_batch_size, t.gradient_accumulation_steps = batch // 2, accumulation * 2
+        notice = (f"out of memory at per_device_train_batch_size={batch}: retrying with "
+                  f"per_device_train_batch_size={batch // 2} and gradient_accumulation_steps="
+                  f"{accumulation * 2} (effective batch {batch // 2 * accumulation * 2})")
+        log.warning("%s: %s", job.run_id, notice)
+        run.write_config(spec)
+        shutil.rmtree(run.checkpoints_dir, ignore_errors=True)  # made with the old batch size
+        notices = run.status().get("notices") or []
+        run.set_status("queued", error=None, ended_at=None, notices=notices + [notice])
+        self._transition(job.run_id, ("failed",), state="queued", resume=0, error=None, ended_at=None,
+                         notices=job.notices + [notice])
+
+
+# -- the worker ---------------------------------------------------------------------------------
+def train_command(job: Job) -> list[str]:
+    """The CLI's ``train --config`` (DESIGN.md contract 1), the same path a person would run."""
+    argv = [sys.executable, "-m", "backend", "train", "--config", str(Path(job.run_dir) / "config.yaml")]
+    return argv + (["--resume"] if job.resume else [])
+
+
+def detect_devices() -> list[str]:
+    """One slot per visible GPU (the value for CUDA_VISIBLE_DEVICES), or ``["cpu"]``."""
+    try:
+        import torch
+
+        count = torch.cuda.device_count()
+    except Exception:
+        count = 0
+    if not count:
+        return ["cpu"]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:  # keep the parent's mapping: index i is the i-th listed device
+        return [v.strip() for v in visible.split(",")][:count]
+    return [str(i) for i in range(count)]
+
+
+class Worker:
+    """A thread that runs queued jobs, one at a time per device.
+
+    ``devices``: CUDA_VISIBLE_DEVICES values, one job each (default: every GPU, else ``["cpu"]``:
+    one job at a time). ``command``: ``(job) -> argv`` (default ``train_command``). ``stop()``
+    leaves running trainings alone: they belong to their own sessions, and the next worker on the
+    same database watches them to the end.
+    """
+
+    def __init__(self, queue: Queue, devices: list | None = None,
+                 command: Callable[[Job], list[str]] | None = None, poll_s: float = 1.0):
+        self.queue = queue
+        self.devices = [str(d) for d in (devices if devices is not None else detect_devices())]
+        self.command = command or train_command
+        self.poll_s = poll_s
+        self._running: dict[str, tuple[str, subprocess.Popen]] = {}  # device -> (run_id, process)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "Worker":
+        self.queue.recover()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="studio-worker", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = 10) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                self.tick()
+            except Exception:  # keep the queue moving; the next tick retries
+                log.exception("job worker tick failed")
+            if self._stop.wait(self.poll_s):
+                return
+
+    def tick(self) -> None:
+        """Record ended processes, settle orphans, start queued jobs on free devices."""
+        for device, (run_id, proc) in list(self._running.items()):
+            code = proc.poll()
+            if code is not None:
+                del self._running[device]
+                self.queue.finish(run_id, returncode=code)
+        self.queue.recover(skip={run_id for run_id, _ in self._running.values()})
+        busy = {job.device for job in self.queue.list() if job.state == "running"}
+        for device in self.devices:
+            if device in busy:
+                continue
+            claimed = self.queue.claim(device, lambda job: self._launch(job, device))
+            if claimed is None:
+                break
+            job, proc = claimed
+            self._running[device] = (job.run_id, proc)
+
+    def _launch(self, job: Job, device: str) -> subprocess.Popen:
+        argv = self.command(job)
+        env = dict(os.environ, PYTHONUNBUFFERED="1",
+                   PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+        if device != "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = device
+        with open(Path(job.run_dir) / "train.log", "a", encoding="utf-8") as out:
+            out.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} attempt {job.attempts} on {device}: "
+                      f"{' '.join(argv)}\n")
+            out.flush()
+            return subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def _run_id(name: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "run"
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}-{secrets.token_hex(2)}"
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (Linux), None where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22; fields restart after "(comm)"
+
+
+def _alive(pid: int | None, start: int | None) -> bool:
+    """True if ``pid`` still runs and is the process we started (not a zombie, not a reused pid)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False  # someone else's process now
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc (macOS): trust the signal
+    fields = stat.rsplit(")", 1)[1].split()
+    return fields[0] != "Z" and (start is None or int(fields[19]) == start)
+
+
+def _is_out_of_memory(error: str | None) -> bool:
+    return bool(error) and ("OutOfMemoryError" in error or "out of memory" in error.lower())
+
+
+def _exit_text(code: int | None) -> str:
+    if code is None:
+        return "exit status unknown"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def _last_log_line(run: RunFolder) -> str | None:
+    try:
+        lines = run.log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+    except OSError:
+        return None
+    return lines[-1][-500:] if lines else None
