@@ -1,8 +1,15 @@
 """The web app: wiring only. Each handler unpacks widget values and calls one backend function.
 
-Today: the Data tab (upload, detected format, split, token lengths, the sample with the
-loss-covered part marked) and a Compare tab (a finished run folder, one prompt, base and tuned
-answers side by side). Training runs from the CLI until the queue lands.
+Tabs (``ui/``): Data (upload, format, mapping, highlighted sample, token lengths), Train (model,
+method, preset, hyperparameters, estimate, config and command, "Queue run"), Runs (the persistent
+queue: progress, loss curves, log, cancel/resume/delete), Compare (base vs tuned on one prompt).
+
+Runs go through ``backend.jobs``: a SQLite queue under ``STUDIO_HOME`` and a worker thread that
+trains each job in its own process, so closing the page or restarting the app loses nothing.
+
+Environment: ``PORT`` / ``GRADIO_SERVER_PORT`` (7860), ``GRADIO_SERVER_NAME`` (bind address,
+127.0.0.1), ``STUDIO_AUTH=user:password`` (optional login; that user is the admin),
+``STUDIO_MAX_FILE_SIZE`` (uploads, default 200mb).
 """
 
 from __future__ import annotations
@@ -11,26 +18,16 @@ import os
 
 import gradio as gr
 
-from backend import data, models, template
+from backend import data, service
+from backend.config import ConfigError
+from backend.jobs import Queue, Worker
 from backend.playground import compare, load_run
+from ui.data_tab import create_data_tab
+from ui.i18n import i18n, t
+from ui.runs_tab import create_runs_tab
+from ui.train_tab import create_train_tab, form_values
 
 _loaded: dict = {}
-
-
-def prepare_upload(file, fmt, system_prompt, max_length):
-    if file is None:
-        return "Upload a file first.", ""
-    tokenizer = template.setup_chat_template(models.load_tokenizer(models.resolve_model(None)))
-    try:
-        prepared = data.prepare(file, fmt=fmt, tokenizer=tokenizer, max_length=int(max_length),
-                                system_prompt=system_prompt)
-    except data.DataError as exc:
-        return f"**Error:** {exc}", ""
-    s = prepared.summary
-    lines = [f"**{s['format']}**, {s['rows']} rows: {s['train_rows']} train / {s['val_rows']} validation",
-             f"token lengths: {s['token_lengths']}", f"longer than {max_length} tokens: {s['truncated']}"]
-    lines += [f"note: {n}" for n in s.get("notes", [])]
-    return "\n\n".join(lines), s["sample"]
 
 
 def answer_both(run_dir, prompt, max_new_tokens, temperature, seed):
@@ -44,39 +41,61 @@ def answer_both(run_dir, prompt, max_new_tokens, temperature, seed):
     return out["base"], out["tuned"]
 
 
-def build_ui() -> gr.Blocks:
+def build_ui(queue: Queue | None = None) -> gr.Blocks:
+    queue = queue or Queue()
+
+    def submit(data_path, fmt, mapping, *values, request: gr.Request = None):
+        try:
+            v, preset = form_values(data_path, fmt, mapping, *values)
+            run_id = service.submit(queue, v, preset, owner=service.user_of(request))
+        except (ConfigError, data.DataError, ValueError) as exc:
+            return f"**Error:** {exc}"
+        return f"Queued **{run_id}**: follow it in the Runs tab."
+
     with gr.Blocks(title="Fine-tuning studio") as demo:
         gr.Markdown("# Fine-tuning studio")
-        with gr.Tab("Data"):
+        with gr.Tab(t("data")):
+            data_inputs = create_data_tab()
+        with gr.Tab(t("train")):
+            create_train_tab(data_inputs, submit)
+        with gr.Tab(t("runs")):
+            refresh, outputs, run_id = create_runs_tab(queue)
+        with gr.Tab(t("compare")):
+            run_dir = gr.Textbox(label=t("run_folder"))
+            prompt = gr.Textbox(label=t("prompt"), value="Who are you?")
             with gr.Row():
-                file = gr.File(label="Dataset (.json .jsonl .csv .parquet .txt)", type="filepath")
-                with gr.Column():
-                    fmt = gr.Dropdown(["auto", "alpaca", "prompt_completion", "messages", "sharegpt", "text"],
-                                      value="auto", label="Format")
-                    system_prompt = gr.Textbox("You are a helpful assistant.", label="System prompt")
-                    max_length = gr.Number(1024, precision=0, label="Max length (tokens)")
-            check = gr.Button("Check dataset", variant="primary")
-            summary = gr.Markdown()
-            sample = gr.Textbox(label="First row as the model sees it ([[...]] is what the loss covers)",
-                                lines=12)
-            check.click(prepare_upload, [file, fmt, system_prompt, max_length], [summary, sample])
-        with gr.Tab("Compare"):
-            run_dir = gr.Textbox(label="Run folder")
-            prompt = gr.Textbox(label="Prompt", value="Who are you?")
+                max_new = gr.Slider(8, 512, 128, step=8, label=t("max_new"))
+                temperature = gr.Slider(0, 1.5, 0, step=0.05, label=t("temperature"))
+                seed = gr.Number(0, precision=0, label=t("seed"))
+            go = gr.Button(t("generate"), variant="primary")
             with gr.Row():
-                max_new = gr.Slider(8, 512, 128, step=8, label="Max new tokens")
-                temperature = gr.Slider(0, 1.5, 0, step=0.05, label="Temperature (0 = greedy)")
-                seed = gr.Number(0, precision=0, label="Seed")
-            go = gr.Button("Generate both", variant="primary")
-            with gr.Row():
-                base = gr.Textbox(label="Base", lines=8)
-                tuned = gr.Textbox(label="Tuned", lines=8)
-            go.click(answer_both, [run_dir, prompt, max_new, temperature, seed], [base, tuned])
+                base = gr.Textbox(label=t("base"), lines=8)
+                tuned = gr.Textbox(label=t("tuned"), lines=8)
+            go.click(answer_both, [run_dir, prompt, max_new, temperature, seed], [base, tuned], api_name="compare")
+        demo.load(refresh, [run_id], outputs, api_visibility="private")
+        def list_runs() -> list:
+            return service.jobs_table(queue)
+
+        def run_status(run_id: str) -> dict:
+            return service.run_view(queue.get(run_id).run_dir)
+
+        gr.api(list_runs, api_name="list")
+        gr.api(run_status, api_name="status")
     return demo
 
 
-if __name__ == "__main__":
-    build_ui().launch(
+def main() -> None:
+    queue = Queue()
+    Worker(queue).start()  # recovers interrupted jobs, then runs the queue in order
+    auth = os.environ.get("STUDIO_AUTH")
+    build_ui(queue).launch(
         server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
         server_port=int(os.environ.get("PORT") or os.environ.get("GRADIO_SERVER_PORT") or 7860),
+        auth=tuple(auth.split(":", 1)) if auth else None,
+        max_file_size=os.environ.get("STUDIO_MAX_FILE_SIZE", "200mb"),
+        i18n=i18n,
     )
+
+
+if __name__ == "__main__":
+    main()

@@ -477,12 +477,23 @@ def prepare(source: str, fmt: str = "auto", mapping: dict | None = None, tokeniz
     summary["token_lengths"] = {"min": lengths[0], "mean": round(sum(lengths) / len(lengths), 1),
                                 "p50": pick(0.5), "p95": pick(0.95), "max": lengths[-1]}
     summary["truncated"] = truncated
+    summary["length_histogram"] = _histogram(lengths)
     if truncated:
         notes.append(f"{truncated} of {len(lengths)} rows are longer than max_length={max_length} tokens; "
                      f"they are truncated, not dropped")
     first = template.encode(tokenizer, conversations[0], system_prompt, max_length)
     summary["sample"] = template.mark_loss(tokenizer, first["input_ids"], first["labels"])
     return Prepared(train, val, summary)
+
+
+def _histogram(lengths: list[int], bins: int = 20) -> list[dict]:
+    """``[{"tokens": bin start, "rows": count}, ...]`` over sorted ``lengths``, for a bar chart."""
+    width = max(1, math.ceil((lengths[-1] - lengths[0] + 1) / bins))
+    counts: dict[int, int] = {}
+    for n in lengths:
+        start = lengths[0] + (n - lengths[0]) // width * width
+        counts[start] = counts.get(start, 0) + 1
+    return [{"tokens": k, "rows": v} for k, v in sorted(counts.items())]
 
 
 def save_split(prepared: Prepared, folder) -> Path:

@@ -126,6 +126,15 @@ def load_tokenizer(model_path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def load_config(model_path: str, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_path, **hub_kwargs(trust_remote_code))
+    except (OSError, ValueError) as exc:
+        raise explain_load_error(model_path, exc) from exc
+
+
 @dataclass
 class Precision:
     """What a method computes in on this device, and a notice when that differs from the ask."""

@@ -1,15 +1,88 @@
-"""app.py builds, and its Data handler reports a dataset through the backend."""
+"""The web app: builds; its handlers call the backend; a launched app driven through gradio_client
+queues a real run of the embedded model and reports it completed."""
 
+import socket
+import time
 from pathlib import Path
 
+import pytest
+
+from backend import service
+from backend.jobs import Queue, Worker
+
 FIXTURES = Path(__file__).resolve().parent / "data"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def test_build_ui_and_data_handler():
+@pytest.fixture
+def queue(tmp_path):
+    return Queue(db_path=tmp_path / "jobs.sqlite3", runs_root=tmp_path / "runs")
+
+
+def test_build_ui_and_data_handler(queue, tmp_path, monkeypatch):
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path))
+    import app
+    from ui.data_tab import check_dataset
+
+    assert app.build_ui(queue) is not None
+    summary, sample, hist, stored = check_dataset(str(FIXTURES / "alpaca.json"), "auto", "", "Be brief.", 1024)
+    assert "alpaca" in summary and "3 rows" in summary and "<mark" in sample and "Bonjour" in sample
+    assert Path(stored).parent == tmp_path / "uploads" and hist["rows"].sum() == 3
+    summary, *_ = check_dataset(str(FIXTURES / "alpaca.json"), "sharegpt", "", "Be brief.", 1024)
+    assert summary.startswith("**Error:**")
+
+
+def test_cli_command_round_trips_to_the_same_spec(tmp_path):
+    from backend.__main__ import build_parser
+    from backend.config import parse_set
+    from backend.presets import build_spec
+    import shlex
+
+    spec = service.make_spec({"method": "qlora", "data": "x.json", "r": 8, "learning_rate": 5e-4,
+                              "system_prompt": "Be: brief", "target_modules": ["q_proj", "v_proj"]})
+    argv = shlex.split(service.cli_command(spec, "out"))[3:]
+    a = build_parser().parse_args(argv)
+    again = build_spec({**parse_set(a.set), "method": a.method, "data": a.data}, a.preset)
+    assert again == spec
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED / "identity_nova.json").exists(), reason=f"needs {SHARED}")
+def test_gradio_client_uploads_queues_and_watches_a_run(queue, tmp_path, monkeypatch):
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path))
+    from gradio_client import Client, handle_file
+
     import app
 
-    assert app.build_ui() is not None
-    summary, sample = app.prepare_upload(str(FIXTURES / "alpaca.json"), "auto", "Be brief.", 1024)
-    assert "alpaca" in summary and "3 rows" in summary and "[[Bonjour" in sample
-    summary, _ = app.prepare_upload(str(FIXTURES / "alpaca.json"), "sharegpt", "Be brief.", 1024)
-    assert summary.startswith("**Error:**")
+    worker = Worker(queue, poll_s=0.5).start()
+    port = free_port()
+    demo = app.build_ui(queue)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        summary, *_ = client.predict(handle_file(str(SHARED / "identity_nova.json")), "auto", "",
+                                     "You are a helpful assistant.", 512, api_name="/prepare")
+        assert "alpaca" in summary and "91 rows" in summary
+        # model, method, preset, epochs, lr, batch, r, alpha, dropout, targets, accum, checkpointing,
+        # max_length, system_prompt, mix_data, mix_ratio
+        message = client.predict("auto", "", "", "lora", "", 0.1, 1e-3, 8, 8, 16, 0.0, "q_proj,v_proj",
+                                 1, False, 512, "You are a helpful assistant.", "", 0, api_name="/submit")
+        assert "Queued" in message, message
+        run_id = client.predict(api_name="/list")[-1][0]
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            view = client.predict(run_id, api_name="/status")
+            if view["state"] in ("completed", "failed", "cancelled", "interrupted"):
+                break
+            time.sleep(1)
+        assert view["state"] == "completed", view
+        assert view["loss"] and view["result"] == "adapter"
+    finally:
+        demo.close()
+        worker.stop()

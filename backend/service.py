@@ -1,0 +1,159 @@
+"""What the web app and its API call: plain functions over the backend, no gradio.
+
+Each function takes plain values (strings, numbers, dicts) and returns plain values, so a UI
+handler is one call and the same functions serve the named API endpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import time
+from pathlib import Path
+
+import yaml
+
+from . import data, models, template
+from .config import SECTIONS, RunSpec
+from .presets import build_spec
+from .paths import studio_home
+from .runs import RunFolder
+
+
+def store_upload(path: str, root: str | Path | None = None) -> str:
+    """Copy an upload into ``STUDIO_HOME/uploads`` (named by content hash) so queued runs can read it
+    after the web server's temporary files are gone. The content is checked by ``data``, not the
+    extension alone."""
+    src = Path(path)
+    if src.suffix.lower() not in data.SUFFIXES:
+        raise data.DataError(f"{src.name}: unsupported file type (expected {', '.join(data.SUFFIXES)})")
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
+    folder = Path(root) if root else studio_home() / "uploads"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{digest}-{src.name}"
+    if not target.exists():
+        shutil.copyfile(src, target)
+    return str(target)
+
+
+def parse_mapping(text: str | None) -> dict:
+    """``"prompt=question\\ncompletion=reply"`` -> ``{"prompt": "question", ...}``."""
+    out = {}
+    for line in (text or "").replace(",", "\n").splitlines():
+        if line.strip():
+            key, sep, column = line.partition("=")
+            if not sep or not key.strip() or not column.strip():
+                raise data.DataError(f"column mapping: expected FIELD=COLUMN, got {line.strip()!r}")
+            out[key.strip()] = column.strip()
+    return out
+
+
+def preview(path: str, fmt: str = "auto", mapping: str = "", model: str | None = None,
+            system_prompt: str | None = None, max_length: int = 1024) -> dict:
+    """The dataset summary (``prepare --json``) rendered with the model's chat template."""
+    tokenizer = template.setup_chat_template(models.load_tokenizer(models.resolve_model(model or None)))
+    return data.prepare(path, fmt=fmt, mapping=parse_mapping(mapping) or None, tokenizer=tokenizer,
+                        max_length=int(max_length), system_prompt=system_prompt).summary
+
+
+def make_spec(values: dict, preset: str | None = None) -> RunSpec:
+    """A resolved RunSpec from form values (flat keys as in ``--set``); empty values are dropped."""
+    clean = {k: v for k, v in values.items() if v not in (None, "")}
+    if clean.get("model") in ("embedded", "default"):
+        clean.pop("model")
+    return build_spec(clean, preset or None)
+
+
+def cli_command(spec: RunSpec, out: str = "runs/my-run") -> str:
+    """The equivalent ``python -m backend train`` command: only keys that differ from the preset."""
+    args = ["python", "-m", "backend", "train", "--data", spec.data.data or "DATA", "--out", out,
+            "--method", spec.model.method]
+    if spec.model.model:
+        args += ["--model", spec.model.model]
+    if spec.preset:
+        args += ["--preset", spec.preset]
+    plain = {"method": spec.model.method, **({"model": spec.model.model} if spec.model.model else {})}
+    reference = build_spec(plain, spec.preset).to_dict()
+    for section in SECTIONS:
+        for key, value in spec.to_dict()[section].items():
+            if key not in ("data", "method", "model") and reference[section][key] != value:
+                args += ["--set", f"{key}={json.dumps(value, ensure_ascii=False)}"]
+    return shlex.join(args)
+
+
+def config_yaml(spec: RunSpec) -> str:
+    return yaml.safe_dump(spec.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+def run_view(run_dir: str | Path, log_lines: int = 20) -> dict:
+    """Everything the Runs tab shows for one run, read from its folder."""
+    run = RunFolder(run_dir)
+    status = run.status()
+    metrics = run.metrics()
+    log = run.log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-log_lines:] \
+        if run.log_path.exists() else []
+    step, total = status.get("step") or 0, status.get("total_steps") or 0
+    return {
+        "state": status.get("state"), "step": step, "total_steps": total,
+        "progress": step / total if total else 0.0, "eta_s": status.get("eta_s"),
+        "elapsed_s": status.get("elapsed_s"), "tokens_per_second": status.get("tokens_per_second"),
+        "peak_memory_mb": status.get("peak_memory_mb"), "error": status.get("error"),
+        "notices": status.get("notices") or [],
+        "loss": [{"step": m["step"], "loss": m["loss"], "kind": "train"} for m in metrics if "loss" in m]
+        + [{"step": m["step"], "loss": m["eval_loss"], "kind": "eval"} for m in metrics if "eval_loss" in m],
+        "log": log, "result": run.result_dir().name if run.result_dir() else None,
+    }
+
+
+def jobs_table(queue) -> list[list]:
+    """One row per job for the Runs table: run id, state, owner, progress, created."""
+    rows = []
+    for job in queue.list():
+        status = job.run.status()
+        step, total = status.get("step") or 0, status.get("total_steps") or 0
+        progress = f"{step}/{total}" if total else "–"
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(job.created_at)) if job.created_at else ""
+        rows.append([job.run_id, job.state, job.owner, progress, created])
+    return rows
+
+
+def submit(queue, values: dict, preset: str | None = None, owner: str = "") -> str:
+    """Queue a run from form values; returns its run id."""
+    spec = make_spec(values, preset)
+    if not spec.data.data:
+        raise data.DataError("no dataset: upload one in the Data tab first")
+    return queue.submit(spec, owner=owner).run_id
+
+
+def estimate_markdown(spec: RunSpec) -> str:
+    """The pre-flight memory and disk estimate beside what this machine has free."""
+    from . import memory
+
+    try:
+        config = models.load_config(models.resolve_model(spec.model.model), spec.model.trust_remote_code)
+    except models.ModelError as exc:
+        return f"estimate unavailable: {exc}"
+    device = models.device()
+    est = memory.estimate_for_spec(spec, config, device)
+    free, total, name = memory.device_free_memory()
+    disk_free = memory.free_disk(studio_home())
+    gb = 2**30
+    fits = "fits" if est.fits(free) else "**will likely not fit: lower batch or max length, or use QLoRA**"
+    disk = "fits" if est.disk_total < disk_free else "**not enough free disk**"
+    return (f"Estimated peak memory **{est.total / gb:.1f} GB** on {name} "
+            f"({free / gb:.1f} of {total / gb:.1f} GB free): {fits}.  \n"
+            f"Checkpoints and result: ~{est.disk_total / gb:.2f} GB ({disk_free / gb:.0f} GB free): {disk}.")
+
+
+def user_of(request) -> str:
+    return getattr(request, "username", None) or ""
+
+
+def is_admin(request) -> bool:
+    """The env-var login's user (self-hosted) is the admin; with no login everyone is."""
+    user = user_of(request)
+    admin = (os.environ.get("STUDIO_AUTH") or "").partition(":")[0]
+    return not user or user == admin

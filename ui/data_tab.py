@@ -1,0 +1,63 @@
+"""Data tab: upload, detected format, column mapping, highlighted sample, token-length histogram."""
+
+import html
+
+import gradio as gr
+import pandas as pd
+
+from backend import data, service
+
+from .i18n import t
+
+FORMATS = ["auto", "alpaca", "prompt_completion", "messages", "sharegpt", "text"]
+
+
+def highlight(sample: str) -> str:
+    """The sample with its [[loss-covered]] spans highlighted, as safe HTML."""
+    out, rest = [], sample
+    while "[[" in rest and "]]" in rest.split("[[", 1)[1]:
+        before, after = rest.split("[[", 1)
+        inside, rest = after.split("]]", 1)
+        out.append(html.escape(before))
+        out.append(f'<mark style="background:#c7f0c2">{html.escape(inside)}</mark>')
+    out.append(html.escape(rest))
+    return f'<pre style="white-space:pre-wrap">{"".join(out)}</pre>'
+
+
+def check_dataset(file, fmt, mapping, system_prompt, max_length):
+    """Returns (summary markdown, sample html, histogram frame, stored data path)."""
+    if not file:
+        return "Upload a dataset first.", "", None, ""
+    try:
+        stored = service.store_upload(file)
+        s = service.preview(stored, fmt, mapping, None, system_prompt, int(max_length))
+    except data.DataError as exc:
+        return f"**Error:** {exc}", "", None, ""
+    lengths = s["token_lengths"]
+    lines = [f"**{s['format']}** · {s['rows']} rows · {s['train_rows']} train / {s['val_rows']} validation",
+             f"tokens per row: min {lengths['min']}, median {lengths['p50']}, p95 {lengths['p95']}, "
+             f"max {lengths['max']}; {s['truncated']} longer than {int(max_length)} (truncated, not dropped)"]
+    lines += [f"note: {n}" for n in s.get("notes", [])]
+    return "\n\n".join(lines), highlight(s["sample"]), pd.DataFrame(s["length_histogram"]), stored
+
+
+def create_data_tab():
+    with gr.Row():
+        file = gr.File(label=t("dataset"), type="filepath")
+        with gr.Column():
+            fmt = gr.Dropdown(FORMATS, value="auto", label=t("format"))
+            mapping = gr.Textbox(label=t("mapping"), lines=2, placeholder="prompt=question\ncompletion=reply")
+            system_prompt = gr.Textbox("You are a helpful assistant.", label=t("system_prompt"))
+            max_length = gr.Number(1024, precision=0, minimum=16, label=t("max_length"))
+    check = gr.Button(t("check"), variant="primary")
+    summary = gr.Markdown()
+    with gr.Row():
+        sample = gr.HTML(label=t("sample"))
+        hist = gr.BarPlot(x="tokens", y="rows", label=t("lengths"), height=260)
+    data_path = gr.State("")
+    check.click(check_dataset, [file, fmt, mapping, system_prompt, max_length],
+                [summary, sample, hist, data_path], api_name="prepare")
+    file.upload(check_dataset, [file, fmt, mapping, system_prompt, max_length],
+                [summary, sample, hist, data_path], api_visibility="private")
+    return {"data_path": data_path, "format": fmt, "mapping": mapping, "system_prompt": system_prompt,
+            "max_length": max_length}

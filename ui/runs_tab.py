@@ -1,0 +1,84 @@
+"""Runs tab: the queue and history; one run's progress, loss curves, log; cancel/resume/delete."""
+
+import gradio as gr
+import pandas as pd
+
+from backend import service
+
+from .i18n import t
+
+COLUMNS = ["run_id", "state", "owner", "progress", "created"]
+
+
+def _fmt_s(seconds) -> str:
+    if seconds is None:
+        return "–"
+    seconds = int(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def detail_markdown(view: dict) -> str:
+    parts = [f"**{view['state']}** · step {view['step']}/{view['total_steps']} "
+             f"({100 * view['progress']:.0f}%) · elapsed {_fmt_s(view['elapsed_s'])} · ETA {_fmt_s(view['eta_s'])}"]
+    if view["tokens_per_second"]:
+        parts.append(f"{view['tokens_per_second']:.0f} tokens/s")
+    if view["peak_memory_mb"]:
+        parts.append(f"peak memory {view['peak_memory_mb']:.0f} MB")
+    text = " · ".join(parts)
+    for notice in view["notices"]:
+        text += f"\n\n> {notice}"
+    if view["error"]:
+        text += f"\n\n**Error:** {view['error']}"
+    return text
+
+
+def create_runs_tab(queue):
+    def table():
+        return pd.DataFrame(service.jobs_table(queue), columns=COLUMNS)
+
+    def show(run_id):
+        if not run_id:
+            return "", None, ""
+        view = service.run_view(queue.get(run_id).run_dir)
+        frame = pd.DataFrame(view["loss"], columns=["step", "loss", "kind"])
+        return detail_markdown(view), frame, "\n".join(view["log"])
+
+    def refresh(run_id):
+        ids = [j.run_id for j in queue.list()]
+        selected = run_id if run_id in ids else (ids[-1] if ids else None)
+        return (table(), gr.Dropdown(choices=ids, value=selected), *show(selected))
+
+    def act(action, run_id, request: gr.Request):
+        if run_id:
+            try:
+                getattr(queue, action)(run_id, user=service.user_of(request), admin=service.is_admin(request))
+            except (PermissionError, ValueError) as exc:
+                gr.Warning(str(exc))
+        return refresh(run_id)
+
+    jobs = gr.Dataframe(table(), interactive=False)
+    with gr.Row():
+        run_id = gr.Dropdown([], label=t("run"), allow_custom_value=False)
+        cancel = gr.Button(t("cancel"), variant="stop")
+        resume = gr.Button(t("resume"))
+        delete = gr.Button(t("delete"))
+    detail = gr.Markdown()
+    curve = gr.LinePlot(x="step", y="loss", color="kind", label=t("loss"), height=300)
+    log = gr.Textbox(label=t("log"), lines=10, max_lines=10)
+    outputs = [jobs, run_id, detail, curve, log]
+    timer = gr.Timer(2.0)
+    timer.tick(refresh, [run_id], outputs, api_visibility="private", show_progress="hidden")
+    run_id.change(show, [run_id], [detail, curve, log], api_visibility="private")
+    def do_cancel(run_id, request: gr.Request):
+        return act("cancel", run_id, request)
+
+    def do_resume(run_id, request: gr.Request):
+        return act("resume", run_id, request)
+
+    def do_delete(run_id, request: gr.Request):
+        return act("delete", run_id, request)
+
+    cancel.click(do_cancel, [run_id], outputs, api_name="cancel")
+    resume.click(do_resume, [run_id], outputs, api_name="resume")
+    delete.click(do_delete, [run_id], outputs, api_name="delete")
+    return refresh, outputs, run_id

@@ -1,0 +1,72 @@
+"""Train tab: base model, method, preset, hyperparameters, estimate, config and command, queue."""
+
+import gradio as gr
+
+from backend import service
+from backend.config import ConfigError
+from backend.presets import list_presets
+
+from .i18n import t
+
+METHODS = [
+    ("QLoRA: 4-bit base + adapters, least memory, slightly slower", "qlora"),
+    ("LoRA: 16-bit base + adapters, fast, moderate memory", "lora"),
+    ("Full: every weight trained, most memory (~16 bytes per parameter on GPU)", "full"),
+]
+FIELDS = ["model", "method", "preset", "num_train_epochs", "learning_rate", "per_device_train_batch_size",
+          "r", "lora_alpha", "lora_dropout", "target_modules", "gradient_accumulation_steps",
+          "gradient_checkpointing", "max_length", "system_prompt", "mix_data", "mix_ratio"]
+
+
+def form_values(data_path, fmt, mapping, *values) -> tuple[dict, str | None]:
+    v = dict(zip(FIELDS, values))
+    preset = v.pop("preset") or None
+    targets = (v.pop("target_modules") or "").strip()
+    v["target_modules"] = "all-linear" if targets in ("", "all-linear") else [x.strip() for x in targets.split(",")]
+    v.update(data=data_path or None, format=fmt, mapping=service.parse_mapping(mapping))
+    return v, preset
+
+
+def review(data_path, fmt, mapping, *values):
+    """(config yaml, command, estimate markdown) for the form as it stands."""
+    try:
+        v, preset = form_values(data_path, fmt, mapping, *values)
+        spec = service.make_spec(v, preset)
+    except (ConfigError, ValueError) as exc:
+        return f"# error: {exc}", "", f"**Error:** {exc}"
+    return service.config_yaml(spec), service.cli_command(spec), service.estimate_markdown(spec)
+
+
+def create_train_tab(data_inputs: dict, submit):
+    with gr.Row():
+        model = gr.Textbox("", label=t("model"))
+        method = gr.Radio(METHODS, value="lora", label=t("method"))
+        preset = gr.Dropdown([""] + list_presets(), value="", label=t("preset"))
+    with gr.Row():
+        epochs = gr.Number(3, minimum=0.1, label=t("epochs"))
+        lr = gr.Number(1e-3, minimum=0, step=1e-5, label=t("lr"))
+        batch = gr.Number(8, precision=0, minimum=1, label=t("batch"))
+    with gr.Accordion(t("advanced"), open=False):
+        with gr.Row():
+            r = gr.Number(16, precision=0, minimum=1, label="r")
+            alpha = gr.Number(32, minimum=1, label="lora_alpha")
+            dropout = gr.Number(0.0, minimum=0, maximum=0.9, label="lora_dropout")
+            targets = gr.Textbox("all-linear", label="target_modules")
+        with gr.Row():
+            accum = gr.Number(1, precision=0, minimum=1, label="gradient_accumulation_steps")
+            checkpointing = gr.Checkbox(False, label="gradient_checkpointing")
+            mix_data = gr.Textbox("", label=t("mix_data"))
+            mix_ratio = gr.Number(0.5, minimum=0, label="mix_ratio")
+    widgets = [model, method, preset, epochs, lr, batch, r, alpha, dropout, targets, accum, checkpointing,
+               data_inputs["max_length"], data_inputs["system_prompt"], mix_data, mix_ratio]
+    inputs = [data_inputs["data_path"], data_inputs["format"], data_inputs["mapping"], *widgets]
+    estimate = gr.Markdown(label=t("estimate"))
+    with gr.Row():
+        config = gr.Code(language="yaml", label=t("config"))
+        command = gr.Code(language="shell", label=t("command"))
+    queue_btn = gr.Button(t("queue"), variant="primary")
+    message = gr.Markdown()
+    for w in widgets + [data_inputs["data_path"]]:
+        w.change(review, inputs, [config, command, estimate], api_visibility="private")
+    queue_btn.click(submit, inputs, [message], api_name="submit")
+    return message
