@@ -289,10 +289,12 @@ class RunCallback(TrainerCallback):
         record.update(elapsed_s=round(elapsed, 2), eta_s=round(eta, 1),
                       memory_mb=round(peak_memory_mb(), 1))
         self.run.append_metrics(record)
-        self.run.set_status(step=state.global_step, total_steps=state.max_steps, elapsed_s=elapsed,
-                            eta_s=eta, tokens_per_second=record.get("tokens_per_second"),
-                            last_loss=record.get("loss"), last_eval_loss=record.get("eval_loss"),
-                            peak_memory_mb=record["memory_mb"])
+        average = (state.num_input_tokens_seen - self.tokens0) / max(now - self.t0, 1e-9)
+        latest = {"tokens_per_second": record.get("tokens_per_second"), "last_loss": record.get("loss"),
+                  "last_eval_loss": record.get("eval_loss")}
+        self.run.set_status(step=state.global_step, total_steps=state.max_steps, elapsed_s=elapsed, eta_s=eta,
+                            average_tokens_per_second=round(average, 1), peak_memory_mb=record["memory_mb"],
+                            **{k: v for k, v in latest.items() if v is not None})
         print(_progress_line(record, state.max_steps), flush=True)
 
     def on_save(self, args, state, control, **kwargs):

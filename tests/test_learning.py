@@ -34,7 +34,7 @@ def runs(tmp_path_factory):
         run = train(spec, root / method)
         status = run.status()
         print(f"\n{method}: {status['step']} steps in {(time.time() - t0) / 60:.1f} min, "
-              f"{status.get('tokens_per_second')} tok/s (last step), peak {status['peak_memory_mb']:.0f} MB")
+              f"{status.get('average_tokens_per_second')} tok/s, peak {status['peak_memory_mb']:.0f} MB")
         out[method] = run
     return out
 
