@@ -25,6 +25,7 @@ run: setup
 	bash scripts/demo.sh
 
 test: setup
+	bash scripts/ensure_chromium.sh
 	$(PY) -m pytest --durations=25 $(PYTEST_ARGS)
 
 test-fast: setup

@@ -84,17 +84,23 @@ def build_ui(queue: Queue | None = None) -> gr.Blocks:
     return demo
 
 
-def main() -> None:
-    queue = Queue()
-    Worker(queue).start()  # recovers interrupted jobs, then runs the queue in order
+def launch(demo: gr.Blocks, **overrides):
+    """Launch with the settings from the environment (tests override host, port, blocking)."""
     auth = os.environ.get("STUDIO_AUTH")
-    build_ui(queue).launch(
+    options = dict(
         server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
         server_port=int(os.environ.get("PORT") or os.environ.get("GRADIO_SERVER_PORT") or 7860),
         auth=tuple(auth.split(":", 1)) if auth else None,
         max_file_size=os.environ.get("STUDIO_MAX_FILE_SIZE", "200mb"),
         i18n=i18n,
     )
+    return demo.launch(**{**options, **overrides})
+
+
+def main() -> None:
+    queue = Queue()
+    Worker(queue).start()  # recovers interrupted jobs, then runs the queue in order
+    launch(build_ui(queue))
 
 
 if __name__ == "__main__":

@@ -54,8 +54,7 @@ def free_port() -> int:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (SHARED / "identity_nova.json").exists(), reason=f"needs {SHARED}")
-def test_gradio_client_uploads_queues_and_watches_a_run(queue, tmp_path, monkeypatch):
-    monkeypatch.setenv("STUDIO_HOME", str(tmp_path))
+def test_gradio_client_uploads_queues_and_watches_a_run(queue):
     from gradio_client import Client, handle_file
 
     import app
@@ -63,7 +62,7 @@ def test_gradio_client_uploads_queues_and_watches_a_run(queue, tmp_path, monkeyp
     worker = Worker(queue, poll_s=0.5).start()
     port = free_port()
     demo = app.build_ui(queue)
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
+    app.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         summary, *_ = client.predict(handle_file(str(SHARED / "identity_nova.json")), "auto", "",

@@ -8,10 +8,10 @@ from backend import memory
 from backend.config import RunSpec
 
 # Llama-3-8B's shape (8,030,261,248 parameters) and SmolLM2-135M's (the embedded model, tied embeddings).
-LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=8, vocab_size=128256)
-SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                    num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
+LLAMA3_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+             "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256}
+SMOLLM2_135M = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+                "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True}
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -95,17 +95,16 @@ def test_breakdown_adds_up_and_fits_compares(llama8b):
 
 def test_estimate_for_spec_on_the_embedded_models_config():
     config = LlamaConfig(**SMOLLM2_135M)
-    spec = RunSpec.from_flat({"method": "lora", "target_modules": "all-linear", "r": 16,
-                              "per_device_train_batch_size": 8, "max_length": 200})
-    est = memory.estimate_for_spec(spec, config, "cpu")
+    shape = {"target_modules": "all-linear", "r": 16, "per_device_train_batch_size": 8, "max_length": 200}
+    est = memory.estimate_for_spec(RunSpec.from_flat({"method": "lora", **shape}), config, "cpu")
     assert est.params == pytest.approx(134.5e6, rel=0.001)  # tied embeddings counted once
     assert est.seq_tokens == 8 * 200 and est.method == "lora" and est.device == "cpu"
     assert est.trainable == 30 * 16 * ((576 + 576) * 2 + (576 + 192) * 2 + (576 + 1536) * 3)
     assert est.weights == 4 * est.params  # fp32 on CPU
     assert est.overhead == memory.CPU_PROCESS_BYTES
     assert all(v > 0 for v in est.breakdown().values())
-    qlora = memory.estimate_for_spec(RunSpec.from_flat({"method": "qlora"}), config, "cpu")
-    full = memory.estimate_for_spec(RunSpec.from_flat({"method": "full"}), config, "cpu")
+    qlora = memory.estimate_for_spec(RunSpec.from_flat({"method": "qlora", **shape}), config, "cpu")
+    full = memory.estimate_for_spec(RunSpec.from_flat({"method": "full", **shape}), config, "cpu")
     assert qlora.total < est.total < full.total
 
 
@@ -123,8 +122,8 @@ def test_free_memory_and_disk_of_this_machine(tmp_path):
 
 
 # -- the activation formula against what autograd actually saves -------------------------------
-TINY = dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=256, tie_word_embeddings=True)
+TINY = {"hidden_size": 64, "intermediate_size": 160, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 256, "tie_word_embeddings": True}
 
 
 def _saved_bytes(layers, method, seq_tokens, lora_dropout=0.0, checkpointing=False):
@@ -161,7 +160,7 @@ def _saved_bytes(layers, method, seq_tokens, lora_dropout=0.0, checkpointing=Fal
 def test_activations_per_layer_match_what_autograd_saves_on_cpu(method, lora_dropout):
     seq = 256
     measured = _saved_bytes(3, method, seq, lora_dropout) - _saved_bytes(2, method, seq, lora_dropout)
-    kw = dict(seq_tokens=seq, r=8, target_modules="all-linear", lora_dropout=lora_dropout, device="cpu")
+    kw = {"seq_tokens": seq, "r": 8, "target_modules": "all-linear", "lora_dropout": lora_dropout, "device": "cpu"}
     predicted = (memory.estimate(LlamaConfig(num_hidden_layers=3, **TINY), method, **kw).activations
                  - memory.estimate(LlamaConfig(num_hidden_layers=2, **TINY), method, **kw).activations)
     assert predicted == pytest.approx(measured, rel=0.02)

@@ -1,0 +1,68 @@
+"""A real headless Chromium drives the app: upload, preview, queue a short run of the embedded
+model, watch it reach completed with the loss plot drawn; a screenshot is saved."""
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+from backend.jobs import Queue, Worker
+
+FIXTURES = Path(__file__).resolve().parent / "data"
+SHOTS = Path(os.environ.get("SCREENSHOT_DIR", Path(__file__).resolve().parents[1] / "runs" / "screenshots"))
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("chromium") is None,
+                       reason="Debian's chromium is not installed (scripts/ensure_chromium.sh)"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_upload_queue_and_watch_a_run_in_the_browser(tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    import app
+
+    queue = Queue(db_path=tmp_path / "jobs.sqlite3", runs_root=tmp_path / "runs")
+    worker = Worker(queue, poll_s=0.5).start()
+    port = free_port()
+    demo = app.build_ui(queue)
+    app.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(
+                executable_path=shutil.which("chromium"),
+                args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                      "--disable-component-update", "--disable-sync", "--no-first-run"])
+            page = browser.new_page(viewport={"width": 1280, "height": 1400})
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.locator("input[type=file]").first.set_input_files(str(FIXTURES / "alpaca.json"))
+            expect(page.get_by_text("3 rows")).to_be_visible(timeout=60_000)
+            expect(page.locator("mark").first).to_be_visible()
+            page.screenshot(path=str(SHOTS / "data.png"), full_page=True)
+
+            page.get_by_role("tab", name="Train").click()
+            page.screenshot(path=str(SHOTS / "train.png"), full_page=True)
+            page.get_by_role("button", name="Queue run").click()
+            expect(page.get_by_text("Queued")).to_be_visible(timeout=30_000)
+
+            page.get_by_role("tab", name="Runs").click()
+            expect(page.get_by_text("completed").first).to_be_visible(timeout=300_000)
+            plot = page.locator(".vega-embed canvas, .vega-embed svg").first
+            expect(plot).to_be_visible(timeout=30_000)
+            page.screenshot(path=str(SHOTS / "runs.png"), full_page=True)
+            browser.close()
+    finally:
+        demo.close()
+        worker.stop()
+    job = queue.list()[-1]
+    assert job.state == "completed"
