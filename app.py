@@ -58,7 +58,7 @@ def build_ui(queue: Queue | None = None) -> gr.Blocks:
             data_inputs = create_data_tab()
         with gr.Tab(t("train")):
             create_train_tab(data_inputs, submit)
-        with gr.Tab(t("runs")):
+        with gr.Tab(t("runs")) as runs_tab:
             refresh, outputs, run_id = create_runs_tab(queue)
         with gr.Tab(t("compare")):
             run_dir = gr.Textbox(label=t("run_folder"))
@@ -73,6 +73,9 @@ def build_ui(queue: Queue | None = None) -> gr.Blocks:
                 tuned = gr.Textbox(label=t("tuned"), lines=8)
             go.click(answer_both, [run_dir, prompt, max_new, temperature, seed], [base, tuned], api_name="compare")
         demo.load(refresh, [run_id], outputs, api_visibility="private")
+        # a plot drawn while its tab was hidden has no size: clear it and draw it again when shown
+        runs_tab.select(lambda: None, None, outputs[3], api_visibility="private").then(
+            refresh, [run_id], outputs, api_visibility="private")
         def list_runs() -> list:
             return service.jobs_table(queue)
 

@@ -30,6 +30,9 @@ def _user_errors() -> tuple:
 
 
 def _quiet_libraries() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     for name in ("bitsandbytes", "httpx", "urllib3", "datasets", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -401,13 +401,15 @@ def disk(params: int, trainable: int, method: str, optim: str, save_total_limit:
     return per_checkpoint, result, result + (save_total_limit + 1) * per_checkpoint
 
 
-def estimate_for_spec(spec, model_config=None, device: str | None = None) -> Estimate:
-    """The estimate for a RunSpec: an upper bound.
+def estimate_for_spec(spec, model_config=None, device: str | None = None,
+                      row_tokens: int | None = None) -> Estimate:
+    """The estimate for a RunSpec.
 
-    A step packs ``per_device_train_batch_size`` rows into one, so it is taken as
-    ``per_device_train_batch_size * max_length`` tokens, all of them with loss; real rows are
-    usually shorter and prompts carry no loss. ``model_config`` defaults to the spec's model's
-    config; ``device`` to this machine's.
+    A step packs ``per_device_train_batch_size`` rows into one. With ``row_tokens`` (e.g. the
+    dataset's 95th-percentile row length) a step is taken as that many tokens per row; without it,
+    as ``max_length`` per row: an upper bound. All tokens are counted as carrying loss (prompts do
+    not, so this errs high). ``model_config`` defaults to the spec's model's config; ``device`` to
+    this machine's.
     """
     from . import models
 
@@ -418,7 +420,8 @@ def estimate_for_spec(spec, model_config=None, device: str | None = None) -> Est
                                                   **models.hub_kwargs(spec.model.trust_remote_code))
     t, lo = spec.train, spec.lora
     return estimate(model_config, spec.model.method,
-                    seq_tokens=t.per_device_train_batch_size * spec.data.max_length,
+                    seq_tokens=t.per_device_train_batch_size * min(row_tokens or spec.data.max_length,
+                                                                   spec.data.max_length),
                     r=lo.r, target_modules=lo.target_modules, lora_dropout=lo.lora_dropout,
                     gradient_checkpointing=t.gradient_checkpointing, device=device or models.device(),
                     optim=t.optim, save_total_limit=t.save_total_limit,

@@ -193,6 +193,4 @@ def load_base(model_path: str, method: str, trust_remote_code: bool = False):
         raise explain_load_error(model_path, exc) from exc
     if method != "qlora":
         model.to(prec.device)
-    if prec.notice:
-        log.warning(prec.notice)
     return model, prec

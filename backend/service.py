@@ -128,8 +128,11 @@ def submit(queue, values: dict, preset: str | None = None, owner: str = "") -> s
     return queue.submit(spec, owner=owner).run_id
 
 
-def estimate_markdown(spec: RunSpec) -> str:
-    """The pre-flight memory and disk estimate beside what this machine has free."""
+def estimate_markdown(spec: RunSpec, row_tokens: int | None = None) -> str:
+    """The pre-flight memory and disk estimate beside what this machine has free.
+
+    ``row_tokens``: a typical long row of the dataset (its p95 length); without it every row is
+    taken as ``max_length`` tokens long (an upper bound)."""
     from . import memory
 
     try:
@@ -137,13 +140,14 @@ def estimate_markdown(spec: RunSpec) -> str:
     except models.ModelError as exc:
         return f"estimate unavailable: {exc}"
     device = models.device()
-    est = memory.estimate_for_spec(spec, config, device)
+    est = memory.estimate_for_spec(spec, config, device, row_tokens)
     free, total, name = memory.device_free_memory()
     disk_free = memory.free_disk(studio_home())
     gb = 2**30
     fits = "fits" if est.fits(free) else "**will likely not fit: lower batch or max length, or use QLoRA**"
     disk = "fits" if est.disk_total < disk_free else "**not enough free disk**"
-    return (f"Estimated peak memory **{est.total / gb:.1f} GB** on {name} "
+    basis = f"rows of ~{row_tokens} tokens" if row_tokens else f"rows of max_length={spec.data.max_length} tokens"
+    return (f"Estimated peak memory **{est.total / gb:.1f} GB** ({basis}) on {name} "
             f"({free / gb:.1f} of {total / gb:.1f} GB free): {fits}.  \n"
             f"Checkpoints and result: ~{est.disk_total / gb:.2f} GB ({disk_free / gb:.0f} GB free): {disk}.")
 

@@ -25,7 +25,7 @@ def test_build_ui_and_data_handler(queue, tmp_path, monkeypatch):
     from ui.data_tab import check_dataset
 
     assert app.build_ui(queue) is not None
-    summary, sample, hist, stored = check_dataset(str(FIXTURES / "alpaca.json"), "auto", "", "Be brief.", 1024)
+    summary, sample, hist, stored, p95 = check_dataset(str(FIXTURES / "alpaca.json"), "auto", "", "Be brief.", 1024)
     assert "alpaca" in summary and "3 rows" in summary and "<mark" in sample and "Bonjour" in sample
     assert Path(stored).parent == tmp_path / "uploads" and hist["rows"].sum() == 3
     summary, *_ = check_dataset(str(FIXTURES / "alpaca.json"), "sharegpt", "", "Be brief.", 1024)

@@ -57,8 +57,11 @@ def test_upload_queue_and_watch_a_run_in_the_browser(tmp_path):
 
             page.get_by_role("tab", name="Runs").click()
             expect(page.get_by_text("completed").first).to_be_visible(timeout=300_000)
-            plot = page.locator(".vega-embed canvas, .vega-embed svg").first
-            expect(plot).to_be_visible(timeout=30_000)
+            page.wait_for_timeout(3000)
+            page.screenshot(path=str(SHOTS / "runs.png"), full_page=True)
+            lines = page.locator(".vega-embed:visible .mark-line path")  # train and eval loss curves
+            expect(lines.first).to_be_visible(timeout=30_000)
+            assert lines.count() >= 2
             page.screenshot(path=str(SHOTS / "runs.png"), full_page=True)
             browser.close()
     finally:

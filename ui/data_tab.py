@@ -25,20 +25,21 @@ def highlight(sample: str) -> str:
 
 
 def check_dataset(file, fmt, mapping, system_prompt, max_length):
-    """Returns (summary markdown, sample html, histogram frame, stored data path)."""
+    """Returns (summary markdown, sample html, histogram frame, stored data path, p95 row tokens)."""
     if not file:
-        return "Upload a dataset first.", "", None, ""
+        return "Upload a dataset first.", "", None, "", None
     try:
         stored = service.store_upload(file)
         s = service.preview(stored, fmt, mapping, None, system_prompt, int(max_length))
     except data.DataError as exc:
-        return f"**Error:** {exc}", "", None, ""
+        return f"**Error:** {exc}", "", None, "", None
     lengths = s["token_lengths"]
     lines = [f"**{s['format']}** · {s['rows']} rows · {s['train_rows']} train / {s['val_rows']} validation",
              f"tokens per row: min {lengths['min']}, median {lengths['p50']}, p95 {lengths['p95']}, "
              f"max {lengths['max']}; {s['truncated']} longer than {int(max_length)} (truncated, not dropped)"]
     lines += [f"note: {n}" for n in s.get("notes", [])]
-    return "\n\n".join(lines), highlight(s["sample"]), pd.DataFrame(s["length_histogram"]), stored
+    return ("\n\n".join(lines), highlight(s["sample"]), pd.DataFrame(s["length_histogram"]), stored,
+            lengths["p95"])
 
 
 def create_data_tab():
@@ -54,10 +55,10 @@ def create_data_tab():
     with gr.Row():
         sample = gr.HTML(label=t("sample"))
         hist = gr.BarPlot(x="tokens", y="rows", label=t("lengths"), height=260)
-    data_path = gr.State("")
-    check.click(check_dataset, [file, fmt, mapping, system_prompt, max_length],
-                [summary, sample, hist, data_path], api_name="prepare")
-    file.upload(check_dataset, [file, fmt, mapping, system_prompt, max_length],
-                [summary, sample, hist, data_path], api_visibility="private")
-    return {"data_path": data_path, "format": fmt, "mapping": mapping, "system_prompt": system_prompt,
+    data_path, row_tokens = gr.State(""), gr.State(None)
+    outputs = [summary, sample, hist, data_path, row_tokens]
+    check.click(check_dataset, [file, fmt, mapping, system_prompt, max_length], outputs, api_name="prepare")
+    file.upload(check_dataset, [file, fmt, mapping, system_prompt, max_length], outputs,
+                api_visibility="private")
+    return {"data_path": data_path, "row_tokens": row_tokens, "format": fmt, "mapping": mapping, "system_prompt": system_prompt,
             "max_length": max_length}

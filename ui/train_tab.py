@@ -29,12 +29,22 @@ def form_values(data_path, fmt, mapping, *values) -> tuple[dict, str | None]:
 
 def review(data_path, fmt, mapping, *values):
     """(config yaml, command, estimate markdown) for the form as it stands."""
+    *values, row_tokens = values
     try:
         v, preset = form_values(data_path, fmt, mapping, *values)
         spec = service.make_spec(v, preset)
     except (ConfigError, ValueError) as exc:
         return f"# error: {exc}", "", f"**Error:** {exc}"
-    return service.config_yaml(spec), service.cli_command(spec), service.estimate_markdown(spec)
+    return service.config_yaml(spec), service.cli_command(spec), service.estimate_markdown(spec, row_tokens)
+
+
+def preset_defaults(model, method, preset):
+    """The widgets' values for a method and preset, so what is shown is what would run."""
+    spec = service.make_spec({"model": model, "method": method}, preset or None)
+    t, lo = spec.train, spec.lora
+    targets = lo.target_modules if isinstance(lo.target_modules, str) else ",".join(lo.target_modules)
+    return (t.num_train_epochs, t.learning_rate, t.per_device_train_batch_size, lo.r, lo.lora_alpha,
+            lo.lora_dropout, targets, t.gradient_accumulation_steps, spec.data.mix_ratio)
 
 
 def create_train_tab(data_inputs: dict, submit):
@@ -66,7 +76,11 @@ def create_train_tab(data_inputs: dict, submit):
         command = gr.Code(language="shell", label=t("command"))
     queue_btn = gr.Button(t("queue"), variant="primary")
     message = gr.Markdown()
+    tuned_by_preset = [epochs, lr, batch, r, alpha, dropout, targets, accum, mix_ratio]
+    for w in (method, preset):
+        w.change(preset_defaults, [model, method, preset], tuned_by_preset, api_visibility="private")
     for w in widgets + [data_inputs["data_path"]]:
-        w.change(review, inputs, [config, command, estimate], api_visibility="private")
+        w.change(review, inputs + [data_inputs["row_tokens"]], [config, command, estimate],
+                 api_visibility="private")
     queue_btn.click(submit, inputs, [message], api_name="submit")
     return message
