@@ -22,6 +22,9 @@ setup: $(STAMP)
 	$(PY) -m backend setup
 
 run: setup
+	$(PY) app.py
+
+demo: setup
 	bash scripts/demo.sh
 
 test: setup

@@ -11,6 +11,7 @@ import json
 import os
 import shlex
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -100,7 +101,8 @@ def run_view(run_dir: str | Path, log_lines: int = 20) -> dict:
         "state": status.get("state"), "step": step, "total_steps": total,
         "progress": step / total if total else 0.0, "eta_s": status.get("eta_s"),
         "elapsed_s": status.get("elapsed_s"), "tokens_per_second": status.get("tokens_per_second"),
-        "peak_memory_mb": status.get("peak_memory_mb"), "error": status.get("error"),
+        "peak_memory_mb": status.get("peak_memory_mb"), "estimated_peak_mb": status.get("estimated_peak_mb"),
+        "error": status.get("error"),
         "notices": status.get("notices") or [],
         "loss": [{"step": m["step"], "loss": m["loss"], "kind": "train"} for m in metrics if "loss" in m]
         + [{"step": m["step"], "loss": m["eval_loss"], "kind": "eval"} for m in metrics if "eval_loss" in m],
@@ -125,7 +127,31 @@ def submit(queue, values: dict, preset: str | None = None, owner: str = "") -> s
     spec = make_spec(values, preset)
     if not spec.data.data:
         raise data.DataError("no dataset: upload one in the Data tab first")
-    return queue.submit(spec, owner=owner).run_id
+    job = queue.submit(spec, owner=owner)
+    try:  # recorded so the Runs tab can show it next to the measured peak
+        from . import memory
+
+        job.run.set_status(estimated_peak_mb=round(memory.estimate_for_spec(spec).total / 2**20))
+    except Exception as exc:  # an estimate must never block a run
+        job.run.add_notices([f"no memory estimate: {exc}"])
+    return job.run_id
+
+
+def archive(run_dir: str | Path) -> str:
+    """A zip of the run's result (adapter or model), config and metrics, for download."""
+    run = RunFolder(run_dir)
+    result = run.result_dir()
+    if result is None:
+        raise ValueError(f"{run.path.name} has no result yet")
+    out = Path(tempfile.mkdtemp(prefix="studio-export-"))  # the web server may serve temp files
+    target, staging = out / f"{run.path.name}-{result.name}", out / "staging"
+    shutil.copytree(result, staging / result.name)
+    for extra in (run.config_path, run.metrics_path, run.status_path):
+        if extra.exists():
+            shutil.copy(extra, staging / extra.name)
+    path = shutil.make_archive(str(target), "zip", staging)
+    shutil.rmtree(staging)
+    return path
 
 
 def estimate_markdown(spec: RunSpec, row_tokens: int | None = None) -> str:

@@ -82,6 +82,24 @@ def test_gradio_client_uploads_queues_and_watches_a_run(queue):
             time.sleep(1)
         assert view["state"] == "completed", view
         assert view["loss"] and view["result"] == "adapter"
+        assert view["estimated_peak_mb"] > 0 and view["peak_memory_mb"] > 0
+        archive = client.predict(run_id, api_name="/download")
+        assert Path(archive).stat().st_size > 1000
     finally:
         demo.close()
         worker.stop()
+
+
+def test_archive_holds_the_result_and_the_run_description(tmp_path):
+    import zipfile
+
+    from backend.runs import RunFolder
+    from backend.config import RunSpec
+
+    run = RunFolder(tmp_path / "run")
+    run.write_config(RunSpec())
+    run.set_status("completed")
+    run.adapter_dir.mkdir()
+    (run.adapter_dir / "adapter_model.safetensors").write_bytes(b"x")
+    names = zipfile.ZipFile(service.archive(run.path)).namelist()
+    assert "adapter/adapter_model.safetensors" in names and "config.yaml" in names

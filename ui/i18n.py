@@ -32,6 +32,7 @@ LABELS = {
     "cancel": ("Cancel", "取消"),
     "resume": ("Resume", "继续"),
     "delete": ("Delete", "删除"),
+    "download": ("Download result", "下载结果"),
     "run": ("Run", "任务"),
     "loss": ("Loss", "损失"),
     "log": ("Last log lines", "最新日志"),

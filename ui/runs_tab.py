@@ -24,6 +24,8 @@ def detail_markdown(view: dict) -> str:
         parts.append(f"{view['tokens_per_second']:.0f} tokens/s")
     if view["peak_memory_mb"]:
         parts.append(f"peak memory {view['peak_memory_mb']:.0f} MB")
+    if view.get("estimated_peak_mb"):
+        parts.append(f"estimated {view['estimated_peak_mb']:.0f} MB")
     text = " · ".join(parts)
     for notice in view["notices"]:
         text += f"\n\n> {notice}"
@@ -62,6 +64,8 @@ def create_runs_tab(queue):
         cancel = gr.Button(t("cancel"), variant="stop")
         resume = gr.Button(t("resume"))
         delete = gr.Button(t("delete"))
+        download = gr.Button(t("download"))
+    archive = gr.File(label=t("download"), visible=True, interactive=False)
     detail = gr.Markdown()
     curve = gr.LinePlot(x="step", y="loss", color="kind", label=t("loss"), height=300)
     log = gr.Textbox(label=t("log"), lines=10, max_lines=10)
@@ -78,6 +82,18 @@ def create_runs_tab(queue):
     def do_delete(run_id, request: gr.Request):
         return act("delete", run_id, request)
 
+    def do_download(run_id, request: gr.Request):
+        if not run_id:
+            return None
+        job = queue.get(run_id)
+        if job.owner and job.owner != service.user_of(request) and not service.is_admin(request):
+            raise gr.Error("only the run's owner (or an admin) may download it")
+        try:
+            return service.archive(job.run_dir)
+        except ValueError as exc:
+            raise gr.Error(str(exc))
+
+    download.click(do_download, [run_id], [archive], api_name="download")
     cancel.click(do_cancel, [run_id], outputs, api_name="cancel")
     resume.click(do_resume, [run_id], outputs, api_name="resume")
     delete.click(do_delete, [run_id], outputs, api_name="delete")
