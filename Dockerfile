@@ -18,6 +18,7 @@ RUN python3 -m venv /home/user/venv \
 
 COPY --chown=user backend ./backend
 COPY --chown=user presets ./presets
+COPY --chown=user ui ./ui
 COPY --chown=user app.py ./
 RUN python -m backend setup
 
