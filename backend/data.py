@@ -473,7 +473,10 @@ def prepare(source: str, fmt: str = "auto", mapping: dict | None = None, tokeniz
     template.setup_chat_template(tokenizer, chat_template)
     lengths = sorted(len(e["input_ids"]) for e in encode_all(tokenizer, conversations, system_prompt))
     truncated = sum(n > max_length for n in lengths)
-    pick = lambda q: lengths[max(0, math.ceil(q * len(lengths)) - 1)]  # nearest-rank percentile
+
+    def pick(q):  # nearest-rank percentile
+        return lengths[max(0, math.ceil(q * len(lengths)) - 1)]
+
     summary["token_lengths"] = {"min": lengths[0], "mean": round(sum(lengths) / len(lengths), 1),
                                 "p50": pick(0.5), "p95": pick(0.95), "max": lengths[-1]}
     summary["truncated"] = truncated

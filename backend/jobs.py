@@ -396,15 +396,18 @@ class Worker:
     ``devices``: CUDA_VISIBLE_DEVICES values, one job each (default: every GPU, else ``["cpu"]``:
     one job at a time). ``command``: ``(job) -> argv`` (default ``train_command``). ``stop()``
     leaves running trainings alone: they belong to their own sessions, and the next worker on the
-    same database watches them to the end.
+    same database watches them to the end. ``on_launch()`` runs before a job starts on a GPU
+    (the app frees the playground's models there).
     """
 
     def __init__(self, queue: Queue, devices: list | None = None,
-                 command: Callable[[Job], list[str]] | None = None, poll_s: float = 1.0):
+                 command: Callable[[Job], list[str]] | None = None, poll_s: float = 1.0,
+                 on_launch: Callable[[], None] | None = None):
         self.queue = queue
         self.devices = [str(d) for d in (devices if devices is not None else detect_devices())]
         self.command = command or train_command
         self.poll_s = poll_s
+        self.on_launch = on_launch
         self._running: dict[str, tuple[str, subprocess.Popen]] = {}  # device -> (run_id, process)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -449,6 +452,8 @@ class Worker:
             self._running[device] = (job.run_id, proc)
 
     def _launch(self, job: Job, device: str) -> subprocess.Popen:
+        if device != "cpu" and self.on_launch:
+            self.on_launch()
         argv = self.command(job)
         env = dict(os.environ, PYTHONUNBUFFERED="1",
                    PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))

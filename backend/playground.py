@@ -1,22 +1,45 @@
-"""Base vs tuned generation from a run folder.
+"""Base vs tuned generation from a run folder: side by side (streamed), several runs, batches, blind votes.
 
 ``load_run(run_dir)`` loads what the run trained, the way it trained it: LoRA/QLoRA runs load the
-base once (4-bit for qlora) with the adapter on top, and the base side runs with the adapter
-disabled; full runs load the tuned weights beside the base. Prompts are rendered exactly as in
-training (``template.prompt_ids`` with the run's chat template and system prompt).
+base once (4-bit for qlora) with the adapter on top; full runs load the tuned weights beside the
+base. Prompts are rendered exactly as in training (``template.prompt_ids`` with the run's chat
+template and system prompt).
+
+Both sides of an adapter run come from ONE batched ``generate`` call: each row names its adapter
+(peft's mixed-adapter batches, ``adapter_names``; ``"__base__"`` runs the base weights alone), so
+the base row is never answered with the adapter still on, and both answers stream together. A full
+run generates its two sides on its two models in two threads. ``CACHE`` keeps the loaded runs
+(least recently used evicted); ``CACHE.release()`` frees them when a training job needs the GPU.
+
+Blind A/B: ``blind_order`` shuffles which side shows as A; ``record_vote`` appends to the run's
+``votes.jsonl``; ``vote_summary`` gives the tuned model's win rate; ``preference_pairs`` turns the
+decisive votes into ``{prompt, chosen, rejected}`` rows for DPO.
 """
 
 from __future__ import annotations
 
+import csv
+import gc
+import json
+import os
+import random
 import threading
+import time
+from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
 
 import torch
+from transformers.generation.streamers import BaseStreamer
 
 from . import models, template
 from .config import RunSpec
-from .runs import RunFolder
+from .runs import COMPLETE_MARK, RunFolder
+
+BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
+VOTES = ("A", "B", "tie", "both_bad")
 
 
 class RunError(ValueError):
@@ -30,9 +53,15 @@ class LoadedRun:
     base: object          # the base model (a PeftModel for adapter runs)
     tuned: object | None  # the full fine-tuned model; None for adapter runs
     lock: threading.Lock
+    run_dir: str = ""
+    checkpoint: str | None = None
+
+    @property
+    def adapter(self) -> str | None:
+        return None if self.tuned is not None else getattr(self.base, "active_adapter", None)
 
     def model_for(self, side: str):
-        """(model, context) that generates as ``side``: 'base' or 'tuned'."""
+        """(model, context) that generates as ``side``: 'base' or 'tuned' (for one side alone)."""
         if side == "tuned":
             return (self.tuned, nullcontext()) if self.tuned is not None else (self.base, nullcontext())
         if self.tuned is None and hasattr(self.base, "disable_adapter"):
@@ -40,14 +69,22 @@ class LoadedRun:
         return self.base, nullcontext()
 
 
+def list_checkpoints(run_dir) -> list[str]:
+    """The run's complete checkpoints, oldest first (names like ``checkpoint-20``)."""
+    folder = RunFolder(run_dir).checkpoints_dir
+    found = [p for p in folder.glob("checkpoint-*") if (p / COMPLETE_MARK).exists()] if folder.exists() else []
+    return [p.name for p in sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[-1]))]
+
+
 def load_run(run_dir, checkpoint: str | None = None) -> LoadedRun:
     run = RunFolder(run_dir)
     if not run.exists():
         raise RunError(f"{run_dir} is not a run folder (no config.yaml)")
     spec = run.spec()
-    result = run.path / "checkpoints" / checkpoint if checkpoint else run.result_dir()
+    result = run.checkpoints_dir / checkpoint if checkpoint else run.result_dir()
     if result is None or not result.exists():
-        raise RunError(f"{run_dir} has no trained result yet (state: {run.status().get('state')})")
+        what = f"no checkpoint {checkpoint}" if checkpoint else "no trained result yet"
+        raise RunError(f"{run_dir} has {what} (state: {run.status().get('state')})")
     model_path = models.resolve_model(spec.model.model)
     tokenizer = template.setup_chat_template(
         models.load_tokenizer(model_path, spec.model.trust_remote_code), spec.model.chat_template
@@ -62,31 +99,302 @@ def load_run(run_dir, checkpoint: str | None = None) -> LoadedRun:
 
         base = PeftModel.from_pretrained(base, str(result))
     base.eval()
-    return LoadedRun(spec, tokenizer, base, tuned, threading.Lock())
+    return LoadedRun(spec, tokenizer, base, tuned, threading.Lock(), str(run_dir), checkpoint)
 
 
-def generate(loaded: LoadedRun, messages: list[dict], side: str = "tuned", system_prompt: str | None = None,
-             max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 50,
-             repetition_penalty: float = 1.0, seed: int = 0) -> str:
-    """One answer from ``side`` for the conversation ``messages`` (last turn: the user's)."""
+class ModelCache:
+    """Loaded runs by (run folder, checkpoint), least recently used evicted beyond ``size``."""
+
+    def __init__(self, size: int | None = None):
+        self.size = size or int(os.environ.get("STUDIO_PLAYGROUND_CACHE", "2"))
+        self._runs: OrderedDict[tuple, LoadedRun] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, run_dir, checkpoint: str | None = None) -> LoadedRun:
+        key = (str(Path(run_dir).resolve()), checkpoint or None)
+        with self._lock:
+            if key in self._runs:
+                self._runs.move_to_end(key)
+                return self._runs[key]
+            while len(self._runs) >= self.size:
+                self._runs.popitem(last=False)
+            loaded = self._runs[key] = load_run(run_dir, checkpoint)
+            return loaded
+
+    def release(self) -> None:
+        """Drop every loaded model (a training job is about to need the memory)."""
+        with self._lock:
+            self._runs.clear()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+CACHE = ModelCache()
+
+
+# -- generation ---------------------------------------------------------------------------------
+class _RowStreamer(BaseStreamer):
+    """Collects each row's new tokens as ``generate`` makes them (the first ``put`` is the prompt)."""
+
+    def __init__(self, tokenizer, rows: list[int], texts: list[str], stop_ids: set[int]):
+        self.tokenizer, self.rows, self.texts, self.stop_ids = tokenizer, rows, texts, stop_ids
+        self.tokens: list[list[int]] = [[] for _ in rows]
+        self.done = [False] * len(rows)
+        self._prompt_seen = False
+
+    def put(self, value):
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        for i, token in enumerate(value.reshape(len(self.rows), -1)[:, -1].tolist()):
+            if self.done[i] or token in self.stop_ids:
+                self.done[i] = True
+                continue
+            self.tokens[i].append(token)
+            self.texts[self.rows[i]] = self.tokenizer.decode(self.tokens[i], skip_special_tokens=True).strip()
+
+    def end(self):
+        pass
+
+
+def _sampling(temperature: float, top_p: float, top_k: int) -> dict:
+    if temperature and temperature > 0:
+        return dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
+    return dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+
+
+def _generate_group(loaded: LoadedRun, model, prompts: list[list[int]], adapter_names, streamer,
+                    max_new_tokens, repetition_penalty, seed, sampling) -> None:
+    """One batched, left-padded ``generate`` of ``prompts`` on ``model``; results go to ``streamer``."""
+    tok = loaded.tokenizer
+    width = max(len(p) for p in prompts)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+    extra = {"adapter_names": adapter_names} if adapter_names else {}
+    with torch.no_grad():
+        torch.manual_seed(seed)
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                       repetition_penalty=repetition_penalty, eos_token_id=sorted(streamer.stop_ids),
+                       pad_token_id=pad, streamer=streamer, **sampling, **extra)
+
+
+def stream_rows(loaded: LoadedRun, rows: list[tuple[str, list[dict]]], system_prompt: str | None = None,
+                max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 50,
+                repetition_penalty: float = 1.0, seed: int = 0) -> Iterator[list[str]]:
+    """Generate every ``(side, messages)`` row at once; yields the list of answers so far, then the
+    final list. Adapter runs: one batched call, each row with its adapter; full runs: one batched
+    call per model, in parallel threads."""
     tok = loaded.tokenizer
     system = loaded.spec.data.system_prompt if system_prompt is None else system_prompt
-    ids = torch.tensor([template.prompt_ids(tok, messages, system)])
-    model, context = loaded.model_for(side)
-    ids = ids.to(model.device)
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if temperature > 0 \
-        else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    with loaded.lock, context, torch.no_grad():
-        torch.manual_seed(seed)
-        out = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-            repetition_penalty=repetition_penalty, eos_token_id=sorted(template.end_of_turn_ids(tok)),
-            pad_token_id=tok.pad_token_id, **sampling,
-        )
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    prompts = [template.prompt_ids(tok, messages, system) for _, messages in rows]
+    stop_ids = set(template.end_of_turn_ids(tok))
+    if tok.eos_token_id is not None:
+        stop_ids.add(tok.eos_token_id)
+    texts = [""] * len(rows)
+    groups = []  # (model, row indices, adapter names)
+    if loaded.tuned is None:
+        adapter = loaded.adapter
+        names = [BASE_ADAPTER if side == "base" else adapter for side, _ in rows] if adapter else None
+        groups.append((loaded.base, list(range(len(rows))), names))
+    else:
+        for side, model in (("base", loaded.base), ("tuned", loaded.tuned)):
+            idx = [i for i, (s, _) in enumerate(rows) if s == side]
+            if idx:
+                groups.append((model, idx, None))
+    errors: list[BaseException] = []
+
+    def work(model, idx, names):
+        try:
+            _generate_group(loaded, model, [prompts[i] for i in idx], names,
+                            _RowStreamer(tok, idx, texts, stop_ids), max_new_tokens, repetition_penalty,
+                            seed, _sampling(temperature, top_p, top_k))
+        except BaseException as exc:  # surfaced in the caller's thread
+            errors.append(exc)
+
+    with loaded.lock:
+        threads = [threading.Thread(target=work, args=g, daemon=True) for g in groups]
+        for thread in threads:
+            thread.start()
+        last = None
+        while any(thread.is_alive() for thread in threads):
+            time.sleep(0.1)
+            if texts != last:
+                last = list(texts)
+                yield last
+        for thread in threads:
+            thread.join()
+    if errors:
+        raise errors[0]
+    yield list(texts)
 
 
-def compare(loaded: LoadedRun, prompt: str, sides=("base", "tuned"), **kwargs) -> dict:
+def stream(loaded: LoadedRun, messages: list[dict] | dict[str, list[dict]], sides=("base", "tuned"),
+           **settings) -> Iterator[dict[str, str]]:
+    """Both sides at once, streamed: yields ``{side: answer so far}``. ``messages`` is one
+    conversation (last turn: the user's), or one per side (each side's own multi-turn history)."""
+    per_side = messages if isinstance(messages, dict) else {side: messages for side in sides}
+    for texts in stream_rows(loaded, [(side, per_side[side]) for side in sides], **settings):
+        yield dict(zip(sides, texts))
+
+
+def generate(loaded: LoadedRun, messages: list[dict], side: str = "tuned", **settings) -> str:
+    """One answer from ``side`` for the conversation ``messages`` (last turn: the user's)."""
+    return compare_messages(loaded, messages, (side,), **settings)[side]
+
+
+def compare_messages(loaded: LoadedRun, messages, sides=("base", "tuned"), **settings) -> dict:
+    out = {}
+    for out in stream(loaded, messages, sides, **settings):
+        pass
+    return out
+
+
+def compare(loaded: LoadedRun, prompt: str, sides=("base", "tuned"), **settings) -> dict:
     """The same prompt, settings and seed on each side."""
-    messages = [{"role": "user", "content": prompt}]
-    return {side: generate(loaded, messages, side, **kwargs) for side in sides}
+    return compare_messages(loaded, [{"role": "user", "content": prompt}], sides, **settings)
+
+
+def compare_runs(run_dirs: list, prompt: str, cache: ModelCache | None = None, **settings) -> dict:
+    """One prompt on the base model and on each run's tuned model: ``{"base": ..., run_id: ...}``.
+    The base answer comes from the first run (its base model, template and system prompt)."""
+    cache = cache or CACHE
+    out = {}
+    for i, run_dir in enumerate(run_dirs):
+        sides = ("base", "tuned") if i == 0 else ("tuned",)
+        answers = compare(cache.get(run_dir), prompt, sides, **settings)
+        if i == 0:
+            out["base"] = answers["base"]
+        out[Path(run_dir).name] = answers["tuned"]
+    return out
+
+
+# -- batch comparison ---------------------------------------------------------------------------
+def default_prompts(run_dir, limit: int = 20) -> list[dict]:
+    """The run's validation conversations as ``{prompt, reference}`` (the training split if the
+    run kept no validation rows): the last user turn and the answer the data gives."""
+    from . import data as data_mod
+
+    train, val = data_mod.load_split(RunFolder(run_dir).data_dir)
+    rows = []
+    for conv in (val or train)[:limit]:
+        msgs = conv["messages"] if isinstance(conv, dict) else conv
+        users = [m for m in msgs if m["role"] == "user"]
+        answers = [m for m in msgs if m["role"] == "assistant"]
+        if users:
+            rows.append({"prompt": users[-1]["content"], "reference": answers[-1]["content"] if answers else ""})
+    return rows
+
+
+def parse_prompts(text: str) -> list[dict]:
+    """Prompts pasted one per line, or JSONL rows with ``prompt`` (and optional ``reference``)."""
+    rows = []
+    for line in (text or "").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("{"):
+            obj = json.loads(line)
+            rows.append({"prompt": str(obj["prompt"]), "reference": str(obj.get("reference", ""))})
+        else:
+            rows.append({"prompt": line, "reference": ""})
+    return rows
+
+
+def batch_compare(loaded: LoadedRun, prompts: list[dict], batch_size: int = 8, progress=None,
+                  **settings) -> list[dict]:
+    """Base and tuned answers for every ``{prompt, reference}``, ``batch_size`` prompts per call.
+    ``progress(done, total)`` is called after each batch."""
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        rows = [(side, [{"role": "user", "content": p["prompt"]}]) for p in chunk for side in ("base", "tuned")]
+        texts = list(stream_rows(loaded, rows, **settings))[-1]
+        for i, p in enumerate(chunk):
+            out.append({"prompt": p["prompt"], "reference": p.get("reference", ""),
+                        "base": texts[2 * i], "tuned": texts[2 * i + 1]})
+        if progress:
+            progress(len(out), len(prompts))
+    return out
+
+
+def write_table(rows: list[dict], path) -> Path:
+    """The comparison as CSV or JSONL, by the file's suffix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".csv":
+        with path.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=["prompt", "reference", "base", "tuned"])
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+# -- blind A/B ------------------------------------------------------------------------------------
+def blind_order(rng: random.Random | None = None) -> tuple[str, str]:
+    """Which side shows as A and which as B, shuffled per prompt."""
+    order = ["base", "tuned"]
+    (rng or random).shuffle(order)
+    return order[0], order[1]
+
+
+def votes_path(run_dir) -> Path:
+    return Path(run_dir) / "votes.jsonl"
+
+
+def record_vote(run_dir, prompt: str, order: tuple[str, str], answers: dict, vote: str,
+                user: str = "", system_prompt: str | None = None) -> dict:
+    """Append one blind vote to ``RUN_DIR/votes.jsonl``: ``vote`` is A, B, tie or both_bad, about
+    the answers shown as A (``order[0]``) and B (``order[1]``)."""
+    if vote not in VOTES:
+        raise ValueError(f"vote must be one of {', '.join(VOTES)}, got {vote!r}")
+    if set(order) != {"base", "tuned"} or not all(answers.get(s) is not None for s in order):
+        raise ValueError("a vote needs both answers, one from each side")
+    winner = {"A": order[0], "B": order[1]}.get(vote)
+    record = {"time": time.time(), "user": user, "prompt": prompt, "system_prompt": system_prompt,
+              "a": order[0], "b": order[1], "answers": {s: answers[s] for s in order},
+              "vote": vote, "winner": winner}
+    with votes_path(run_dir).open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return record
+
+
+def load_votes(run_dir) -> list[dict]:
+    path = votes_path(run_dir)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def vote_summary(run_dir) -> dict:
+    """Counts, and the tuned model's win rate over the votes that compared (a tie counts half;
+    'both bad' is left out)."""
+    votes = load_votes(run_dir)
+    counts = {"tuned": 0, "base": 0, "tie": 0, "both_bad": 0}
+    for v in votes:
+        counts[v["winner"] or v["vote"]] += 1
+    compared = counts["tuned"] + counts["base"] + counts["tie"]
+    rate = (counts["tuned"] + 0.5 * counts["tie"]) / compared if compared else None
+    return {"votes": len(votes), **counts, "tuned_win_rate": rate}
+
+
+def preference_pairs(run_dir) -> list[dict]:
+    """Decisive votes (A or B) as DPO rows: ``{prompt, chosen, rejected}``."""
+    pairs = []
+    for v in load_votes(run_dir):
+        if v["winner"] is None:
+            continue
+        loser = "base" if v["winner"] == "tuned" else "tuned"
+        pairs.append({"prompt": v["prompt"], "chosen": v["answers"][v["winner"]],
+                      "rejected": v["answers"][loser]})
+    return pairs
+
+
+def export_pairs(run_dir, path=None) -> Path:
+    path = Path(path or Path(run_dir) / "preference_pairs.jsonl")
+    rows = preference_pairs(run_dir)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path

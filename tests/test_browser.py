@@ -60,8 +60,7 @@ def test_upload_queue_and_watch_a_run_in_the_browser(tmp_path):
             page.wait_for_timeout(3000)
             page.screenshot(path=str(SHOTS / "runs.png"), full_page=True)
             lines = page.locator(".vega-embed:visible .mark-line path")  # train and eval loss curves
-            expect(lines.first).to_be_visible(timeout=30_000)
-            assert lines.count() >= 2
+            expect(lines.nth(1)).to_be_visible(timeout=30_000)  # retried: the plot may be redrawing
             page.screenshot(path=str(SHOTS / "runs.png"), full_page=True)
             browser.close()
     finally:

@@ -45,10 +45,16 @@ def create_runs_tab(queue):
         frame = pd.DataFrame(view["loss"], columns=["step", "loss", "kind"])
         return detail_markdown(view), frame, "\n".join(view["log"])
 
-    def refresh(run_id):
+    def refresh(run_id, shown=""):
+        """The table, and the selected run's detail unless it is what the page already shows
+        (redrawing an unchanged plot every tick makes it flicker)."""
         ids = [j.run_id for j in queue.list()]
         selected = run_id if run_id in ids else (ids[-1] if ids else None)
-        return (table(), gr.Dropdown(choices=ids, value=selected), *show(selected))
+        detail = show(selected)
+        sig = f"{selected}|{hash(detail[0])}|{len(detail[1]) if detail[1] is not None else 0}|{hash(detail[2])}"
+        if sig == shown:
+            detail = (gr.skip(), gr.skip(), gr.skip())
+        return (table(), gr.Dropdown(choices=ids, value=selected), *detail, sig)
 
     def act(action, run_id, request: gr.Request):
         if run_id:
@@ -60,7 +66,8 @@ def create_runs_tab(queue):
 
     jobs = gr.Dataframe(table(), interactive=False)
     with gr.Row():
-        run_id = gr.Dropdown([], label=t("run"), allow_custom_value=False)
+        # custom values: the API takes any run id (the backend checks it); the UI lists the queue
+        run_id = gr.Dropdown([], label=t("run"), allow_custom_value=True)
         cancel = gr.Button(t("cancel"), variant="stop")
         resume = gr.Button(t("resume"))
         delete = gr.Button(t("delete"))
@@ -69,10 +76,12 @@ def create_runs_tab(queue):
     detail = gr.Markdown()
     curve = gr.LinePlot(x="step", y="loss", color="kind", label=t("loss"), height=300)
     log = gr.Textbox(label=t("log"), lines=10, max_lines=10)
-    outputs = [jobs, run_id, detail, curve, log]
+    shown = gr.State("")
+    outputs = [jobs, run_id, detail, curve, log, shown]
     timer = gr.Timer(2.0)
-    timer.tick(refresh, [run_id], outputs, api_visibility="private", show_progress="hidden")
+    timer.tick(refresh, [run_id, shown], outputs, api_visibility="private", show_progress="hidden")
     run_id.change(show, [run_id], [detail, curve, log], api_visibility="private")
+
     def do_cancel(run_id, request: gr.Request):
         return act("cancel", run_id, request)
 
@@ -85,7 +94,10 @@ def create_runs_tab(queue):
     def do_download(run_id, request: gr.Request):
         if not run_id:
             return None
-        job = queue.get(run_id)
+        try:
+            job = queue.get(run_id)
+        except ValueError as exc:
+            raise gr.Error(str(exc))
         if job.owner and job.owner != service.user_of(request) and not service.is_admin(request):
             raise gr.Error("only the run's owner (or an admin) may download it")
         try:
@@ -97,4 +109,4 @@ def create_runs_tab(queue):
     cancel.click(do_cancel, [run_id], outputs, api_name="cancel")
     resume.click(do_resume, [run_id], outputs, api_name="resume")
     delete.click(do_delete, [run_id], outputs, api_name="delete")
-    return refresh, outputs, run_id
+    return refresh, outputs, run_id, shown

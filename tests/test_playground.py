@@ -1,0 +1,108 @@
+"""backend/playground.py on a tiny trained run: the base side is the base alone, the tuned side the
+adapter alone, streaming, multi-turn, checkpoints, batch comparison, blind votes to DPO pairs."""
+
+import json
+import random
+
+import pytest
+import torch
+from test_train import tiny_spec
+
+from backend import models, playground, template
+from backend import train as train_mod
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_model_dir, tiny_data):
+    spec = tiny_spec(tiny_model_dir, tiny_data, num_train_epochs=2)
+    return train_mod.train(spec, tmp_path_factory.mktemp("play") / "run").path
+
+
+@pytest.fixture(scope="module")
+def loaded(lora_run):
+    return playground.load_run(lora_run)
+
+
+def alone(model, tokenizer, prompt, system, n=12) -> str:
+    """Greedy answer of one model on its own, batch of one, no padding."""
+    ids = torch.tensor([template.prompt_ids(tokenizer, [{"role": "user", "content": prompt}], system)])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                         eos_token_id=sorted(template.end_of_turn_ids(tokenizer)), pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_each_side_equals_its_model_loaded_alone(loaded, lora_run, tiny_model_dir):
+    from peft import PeftModel
+
+    prompt, system = "Who are you? (3)", loaded.spec.data.system_prompt
+    both = playground.compare(loaded, prompt, max_new_tokens=12)
+    base_alone, _ = models.load_base(str(tiny_model_dir), "lora")
+    assert both["base"] == alone(base_alone.eval(), loaded.tokenizer, prompt, system)
+    tuned_alone = PeftModel.from_pretrained(models.load_base(str(tiny_model_dir), "lora")[0],
+                                            str(lora_run / "adapter")).eval()
+    assert both["tuned"] == alone(tuned_alone, loaded.tokenizer, prompt, system)
+    assert both["base"] != both["tuned"]
+
+
+def test_stream_grows_both_sides_and_keeps_each_sides_history(loaded):
+    steps = list(playground.stream(loaded, [{"role": "user", "content": "Who are you? (1)"}], max_new_tokens=10))
+    assert len(steps) >= 2 and set(steps[-1]) == {"base", "tuned"}
+    assert all(steps[-1][s].startswith(steps[0][s]) for s in ("base", "tuned"))
+    # multi-turn: each side sees its own earlier answer (different prompt lengths: left padding)
+    history = {s: [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": steps[-1][s]},
+                   {"role": "user", "content": "Who are you? (2)"}] for s in ("base", "tuned")}
+    turn2 = playground.compare_messages(loaded, history, max_new_tokens=10)
+    for side in ("base", "tuned"):
+        alone_turn = playground.compare_messages(loaded, history[side], (side,), max_new_tokens=10)
+        assert turn2[side] == alone_turn[side]
+
+
+def test_checkpoints_and_cache(lora_run):
+    names = playground.list_checkpoints(lora_run)
+    assert names and all(n.startswith("checkpoint-") for n in names)
+    cache = playground.ModelCache(size=1)
+    first = cache.get(lora_run, names[0])
+    assert cache.get(lora_run, names[0]) is first
+    final = cache.get(lora_run)  # evicts the checkpoint
+    assert final is not first and cache.get(lora_run, names[0]) is not first
+    with pytest.raises(playground.RunError, match="no checkpoint"):
+        playground.load_run(lora_run, "checkpoint-999")
+
+
+def test_batch_comparison_with_references_to_csv_and_jsonl(loaded, lora_run, tmp_path):
+    prompts = playground.default_prompts(lora_run)
+    assert prompts and all(p["reference"] for p in prompts)
+    prompts = (prompts + [{"prompt": "你是谁？（5）"}, {"prompt": "Who are you? (7)"}])[:3]
+    seen = []
+    rows = playground.batch_compare(loaded, prompts, batch_size=2, max_new_tokens=6,
+                                    progress=lambda d, n: seen.append((d, n)))
+    assert seen == [(2, 3), (3, 3)]
+    single = playground.compare(loaded, prompts[2]["prompt"], max_new_tokens=6)
+    assert (rows[2]["base"], rows[2]["tuned"]) == (single["base"], single["tuned"])
+    csv_path = playground.write_table(rows, tmp_path / "cmp.csv")
+    assert csv_path.read_text(encoding="utf-8").splitlines()[0] == "prompt,reference,base,tuned"
+    jsonl = playground.write_table(rows, tmp_path / "cmp.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line)["prompt"] for line in jsonl] == [p["prompt"] for p in prompts]
+    assert playground.parse_prompts('Hello\n\n{"prompt": "Hi", "reference": "Yo"}') == [
+        {"prompt": "Hello", "reference": ""}, {"prompt": "Hi", "reference": "Yo"}]
+
+
+def test_blind_votes_round_trip_to_dpo_pairs(tmp_path):
+    rng = random.Random(0)
+    orders = {playground.blind_order(rng) for _ in range(20)}
+    assert orders == {("base", "tuned"), ("tuned", "base")}  # both placements happen
+    answers = {"base": "I am SmolLM.", "tuned": "I am Zed."}
+    playground.record_vote(tmp_path, "Who are you?", ("tuned", "base"), answers, "A", user="ann")
+    playground.record_vote(tmp_path, "Who?", ("base", "tuned"), answers, "B")
+    playground.record_vote(tmp_path, "Hi", ("base", "tuned"), answers, "tie")
+    playground.record_vote(tmp_path, "Yo", ("base", "tuned"), answers, "both_bad")
+    with pytest.raises(ValueError, match="vote must be"):
+        playground.record_vote(tmp_path, "x", ("base", "tuned"), answers, "C")
+    summary = playground.vote_summary(tmp_path)
+    assert summary == {"votes": 4, "tuned": 2, "base": 0, "tie": 1, "both_bad": 1,
+                       "tuned_win_rate": pytest.approx(2.5 / 3)}
+    pairs = playground.preference_pairs(tmp_path)
+    assert pairs == [{"prompt": "Who are you?", "chosen": "I am Zed.", "rejected": "I am SmolLM."},
+                     {"prompt": "Who?", "chosen": "I am Zed.", "rejected": "I am SmolLM."}]
+    out = playground.export_pairs(tmp_path, tmp_path / "pairs.jsonl")
+    assert [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()] == pairs

@@ -1,0 +1,219 @@
+"""Playground tab: base and tuned side by side (streamed, multi-turn), blind A/B votes, several runs
+on one prompt, a batch of prompts with evaluation. Every handler calls ``backend.playground``."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from backend import playground, service
+from backend.evaluate import evaluate
+
+from .i18n import t
+
+
+def completed_runs(queue) -> list[str]:
+    return [j.run_id for j in queue.list() if j.state == "completed"]
+
+
+def run_dir_of(queue, run) -> str:
+    """A queued run's id, or the path of a run folder made elsewhere (e.g. by the CLI)."""
+    if not run:
+        raise gr.Error("pick a completed run first")
+    if Path(run).is_dir():
+        return str(run)
+    try:
+        return queue.get(run).run_dir
+    except ValueError as exc:
+        raise gr.Error(str(exc))
+
+
+def _loaded(queue, run, checkpoint):
+    try:
+        return playground.CACHE.get(run_dir_of(queue, run), checkpoint or None)
+    except playground.RunError as exc:
+        raise gr.Error(str(exc))
+
+
+def _settings(system, max_new, temperature, top_p, top_k, repetition_penalty, seed) -> dict:
+    return dict(system_prompt=system or None, max_new_tokens=int(max_new), temperature=float(temperature),
+                top_p=float(top_p), top_k=int(top_k), repetition_penalty=float(repetition_penalty),
+                seed=int(seed))
+
+
+def _text(content) -> str:
+    """A chatbot message's text (Gradio may hand content back as a list of typed parts)."""
+    if isinstance(content, list):
+        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
+    return content if isinstance(content, str) else str(content)
+
+
+def _history(chat: list) -> list[dict]:
+    return [{"role": m["role"], "content": _text(m["content"])} for m in chat or []]
+
+
+def create_playground_tab(queue):
+    with gr.Row():
+        run = gr.Dropdown([], label=t("run"), allow_custom_value=True, scale=3)
+        checkpoint = gr.Dropdown([""], value="", label=t("checkpoint"), allow_custom_value=True, scale=1)
+        refresh_btn = gr.Button(t("refresh"), scale=0)
+    with gr.Accordion(t("sampling"), open=False):
+        system = gr.Textbox("", label=t("system_prompt"), placeholder="(the run's system prompt)")
+        with gr.Row():
+            max_new = gr.Slider(8, 512, 128, step=8, label=t("max_new"))
+            temperature = gr.Slider(0, 1.5, 0, step=0.05, label=t("temperature"))
+            top_p = gr.Slider(0.05, 1, 1.0, step=0.05, label="top_p")
+            top_k = gr.Slider(0, 200, 50, step=1, label="top_k")
+            repetition_penalty = gr.Slider(1.0, 2.0, 1.0, step=0.05, label="repetition_penalty")
+            seed = gr.Number(0, precision=0, label=t("seed"))
+    settings = [system, max_new, temperature, top_p, top_k, repetition_penalty, seed]
+    blind = gr.Checkbox(False, label=t("blind"))
+    with gr.Row():
+        left = gr.Chatbot(label=t("base"), height=360)
+        right = gr.Chatbot(label=t("tuned"), height=360)
+    with gr.Row():
+        prompt = gr.Textbox(label=t("prompt"), value="Who are you?", scale=4)
+        send = gr.Button(t("generate"), variant="primary", scale=1)
+        clear = gr.Button(t("clear"), scale=0)
+    order = gr.State(("base", "tuned"))  # which side each column shows
+    with gr.Row(visible=False) as vote_row:
+        votes = {v: gr.Button(label) for v, label in
+                 (("A", "A is better"), ("B", "B is better"), ("tie", "Tie"), ("both_bad", "Both bad"))}
+    vote_info = gr.Markdown()
+    with gr.Row():
+        pairs_btn = gr.Button(t("export_pairs"))
+        pairs_file = gr.File(label=t("export_pairs"), interactive=False)
+
+    with gr.Accordion(t("several_runs"), open=False):
+        others = gr.Dropdown([], multiselect=True, label=t("several_runs"), allow_custom_value=True)
+        several_btn = gr.Button(t("generate"))
+        several_out = gr.Dataframe(headers=["model", "answer"], interactive=False, wrap=True)
+
+    with gr.Accordion(t("batch_cmp"), open=False):
+        prompts = gr.Textbox(lines=6, label=t("batch_prompts"))
+        with gr.Row():
+            load_val = gr.Button(t("val_prompts"))
+            batch_btn = gr.Button(t("batch_run"), variant="primary")
+            eval_btn = gr.Button(t("evaluate"))
+        batch_table = gr.Dataframe(headers=["prompt", "reference", "base", "tuned"], interactive=False, wrap=True)
+        batch_files = gr.File(label=t("download"), file_count="multiple", interactive=False)
+        eval_out = gr.Markdown()
+
+    # -- handlers ---------------------------------------------------------------------------------
+    def refresh_runs(current):
+        ids = completed_runs(queue)
+        value = current if current else (ids[-1] if ids else None)
+        return gr.Dropdown(choices=ids, value=value), gr.Dropdown(choices=ids)
+
+    def checkpoints(run_value):
+        try:
+            names = playground.list_checkpoints(run_dir_of(queue, run_value)) if run_value else []
+        except gr.Error:
+            names = []
+        return gr.Dropdown(choices=[""] + names, value="")
+
+    def labels(is_blind, shown):
+        if is_blind:
+            return gr.Chatbot(label="A"), gr.Chatbot(label="B")
+        return gr.Chatbot(label=t(shown[0])), gr.Chatbot(label=t(shown[1]))
+
+    def do_send(run_value, ckpt, text, is_blind, chat_l, chat_r, *values):
+        if not text or not text.strip():
+            raise gr.Error("type a prompt")
+        loaded = _loaded(queue, run_value, ckpt)
+        shown = playground.blind_order() if is_blind else ("base", "tuned")
+        if is_blind:  # one prompt at a time, freshly shuffled
+            chat_l, chat_r = [], []
+        chats = {shown[0]: _history(chat_l), shown[1]: _history(chat_r)}
+        user = {"role": "user", "content": text}
+        messages = {side: chats[side] + [user] for side in shown}
+        hidden = gr.Row(visible=False)
+        for answers in playground.stream(loaded, messages, shown, **_settings(*values)):
+            yield (*[messages[s] + [{"role": "assistant", "content": answers[s]}] for s in shown],
+                   shown, *labels(is_blind, shown), hidden, "")
+        yield (*[messages[s] + [{"role": "assistant", "content": answers[s]}] for s in shown],
+               shown, *labels(is_blind, shown), gr.Row(visible=is_blind), "")
+
+    def do_vote(choice, run_value, shown, chat_l, chat_r, system_text, request: gr.Request = None):
+        if not chat_l or not chat_r:
+            raise gr.Error("generate a blind pair first")
+        run_dir = run_dir_of(queue, run_value)
+        chat_l, chat_r = _history(chat_l), _history(chat_r)
+        prompt_text = chat_l[-2]["content"]
+        answers = {shown[0]: chat_l[-1]["content"], shown[1]: chat_r[-1]["content"]}
+        try:
+            playground.record_vote(run_dir, prompt_text, tuple(shown), answers, choice,
+                                   user=service.user_of(request), system_prompt=system_text or None)
+        except ValueError as exc:
+            raise gr.Error(str(exc))
+        s = playground.vote_summary(run_dir)
+        rate = "–" if s["tuned_win_rate"] is None else f"{100 * s['tuned_win_rate']:.0f}%"
+        info = (f"A was **{shown[0]}**, B was **{shown[1]}**.  \nTuned win rate {rate} over {s['votes']} votes "
+                f"(tuned {s['tuned']}, base {s['base']}, tie {s['tie']}, both bad {s['both_bad']}).")
+        return gr.Row(visible=False), info, *labels(False, shown)
+
+    def do_pairs(run_value):
+        run_dir = run_dir_of(queue, run_value)
+        out = Path(tempfile.mkdtemp(prefix="studio-pairs-")) / f"{Path(run_dir).name}-dpo.jsonl"
+        return str(playground.export_pairs(run_dir, out))
+
+    def do_several(run_value, other_values, text, *values):
+        dirs = [run_dir_of(queue, r) for r in [run_value, *(other_values or [])] if r]
+        try:
+            answers = playground.compare_runs(list(dict.fromkeys(dirs)), text, **_settings(*values))
+        except playground.RunError as exc:
+            raise gr.Error(str(exc))
+        return pd.DataFrame(list(answers.items()), columns=["model", "answer"])
+
+    def do_load_val(run_value):
+        rows = playground.default_prompts(run_dir_of(queue, run_value))
+        return "\n".join(json.dumps(r, ensure_ascii=False) for r in rows)
+
+    def do_batch(run_value, ckpt, text, *values, progress=gr.Progress()):
+        rows = playground.parse_prompts(text)
+        if not rows:
+            raise gr.Error("paste prompts (one per line, or JSONL with prompt/reference), or load the run's")
+        loaded = _loaded(queue, run_value, ckpt)
+        progress(0, desc="generating")
+        table = playground.batch_compare(loaded, rows, progress=lambda d, n: progress(d / n, desc=f"{d}/{n}"),
+                                         **_settings(*values))
+        out = Path(tempfile.mkdtemp(prefix="studio-batch-"))
+        files = [str(playground.write_table(table, out / f"comparison.{ext}")) for ext in ("csv", "jsonl")]
+        return pd.DataFrame(table, columns=["prompt", "reference", "base", "tuned"]), files
+
+    def do_eval(run_value, ckpt):
+        loaded = _loaded(queue, run_value, ckpt)
+        res = evaluate(loaded, run_dir_of(queue, run_value))
+        lines = ["| | loss | perplexity | tokens |", "|---|---|---|---|"]
+        lines += [f"| {side} | {r['loss']:.4f} | {r['perplexity']:.2f} | {r['tokens']} |" for side, r in res.items()]
+        return "On the run's validation split:\n\n" + "\n".join(lines)
+
+    chats = [left, right]
+    refresh_btn.click(refresh_runs, [run], [run, others], api_visibility="private")
+    run.change(checkpoints, [run], [checkpoint], api_visibility="private")
+    blind.change(lambda b: ([], [], *labels(b, ("base", "tuned")), gr.Row(visible=False), ""), [blind],
+                 [*chats, left, right, vote_row, vote_info], api_visibility="private")
+    send_outputs = [*chats, order, left, right, vote_row, vote_info]
+    send.click(do_send, [run, checkpoint, prompt, blind, *chats, *settings], send_outputs, api_name="side_by_side")
+    prompt.submit(do_send, [run, checkpoint, prompt, blind, *chats, *settings], send_outputs,
+                  api_visibility="private")
+    clear.click(lambda: ([], []), None, chats, api_visibility="private")
+    def voter(choice):
+        def vote(run_value, shown, chat_l, chat_r, system_text, request: gr.Request = None):
+            return do_vote(choice, run_value, shown, chat_l, chat_r, system_text, request)
+        return vote
+
+    for choice, button in votes.items():
+        button.click(voter(choice), [run, order, *chats, system], [vote_row, vote_info, left, right],
+                     api_name=f"vote_{choice}")
+    pairs_btn.click(do_pairs, [run], [pairs_file], api_name="preference_pairs")
+    several_btn.click(do_several, [run, others, prompt, *settings], [several_out], api_name="compare_runs")
+    load_val.click(do_load_val, [run], [prompts], api_visibility="private")
+    batch_btn.click(do_batch, [run, checkpoint, prompts, *settings], [batch_table, batch_files],
+                    api_name="batch_compare")
+    eval_btn.click(do_eval, [run, checkpoint], [eval_out], api_name="evaluate")
+    return refresh_runs, run, others
