@@ -2,7 +2,8 @@
 
 Tabs (``ui/``): Data (upload, format, mapping, highlighted sample, token lengths), Train (model,
 method, preset, hyperparameters, estimate, config and command, "Queue run"), Runs (the persistent
-queue: progress, loss curves, log, cancel/resume/delete), Compare (base vs tuned on one prompt).
+queue: progress, loss curves, log, cancel/resume/delete/download), Playground (base vs tuned
+side by side, blind A/B votes, several runs, batches and evaluation), Export (zip, merge, Hub).
 
 Runs go through ``backend.jobs``: a SQLite queue under ``STUDIO_HOME`` and a worker thread that
 trains each job in its own process, so closing the page or restarting the app loses nothing.
@@ -18,36 +19,25 @@ import os
 
 import gradio as gr
 
-from backend import data, service
+from backend import data, playground, service
 from backend.config import ConfigError
 from backend.jobs import Queue, Worker
-from backend.playground import compare, load_run
 from ui.data_tab import create_data_tab
+from ui.export_tab import create_export_tab
 from ui.i18n import i18n, t
+from ui.playground_tab import create_playground_tab
 from ui.runs_tab import create_runs_tab
 from ui.train_tab import create_train_tab, form_values
-
-_loaded: dict = {}
-
-
-def answer_both(run_dir, prompt, max_new_tokens, temperature, seed):
-    if not run_dir or not prompt:
-        return "Give a run folder and a prompt.", ""
-    if run_dir not in _loaded:
-        _loaded.clear()  # keep one run in memory
-        _loaded[run_dir] = load_run(run_dir)
-    out = compare(_loaded[run_dir], prompt, max_new_tokens=int(max_new_tokens),
-                  temperature=float(temperature), seed=int(seed))
-    return out["base"], out["tuned"]
 
 
 def build_ui(queue: Queue | None = None) -> gr.Blocks:
     queue = queue or Queue()
 
     def submit(data_path, fmt, mapping, *values, request: gr.Request = None):
+        *values, row_tokens = values
         try:
             v, preset = form_values(data_path, fmt, mapping, *values)
-            run_id = service.submit(queue, v, preset, owner=service.user_of(request))
+            run_id = service.submit(queue, v, preset, owner=service.user_of(request), row_tokens=row_tokens)
         except (ConfigError, data.DataError, ValueError) as exc:
             return f"**Error:** {exc}"
         return f"Queued **{run_id}**: follow it in the Runs tab."
@@ -59,23 +49,18 @@ def build_ui(queue: Queue | None = None) -> gr.Blocks:
         with gr.Tab(t("train")):
             create_train_tab(data_inputs, submit)
         with gr.Tab(t("runs")) as runs_tab:
-            refresh, outputs, run_id = create_runs_tab(queue)
-        with gr.Tab(t("compare")):
-            run_dir = gr.Textbox(label=t("run_folder"))
-            prompt = gr.Textbox(label=t("prompt"), value="Who are you?")
-            with gr.Row():
-                max_new = gr.Slider(8, 512, 128, step=8, label=t("max_new"))
-                temperature = gr.Slider(0, 1.5, 0, step=0.05, label=t("temperature"))
-                seed = gr.Number(0, precision=0, label=t("seed"))
-            go = gr.Button(t("generate"), variant="primary")
-            with gr.Row():
-                base = gr.Textbox(label=t("base"), lines=8)
-                tuned = gr.Textbox(label=t("tuned"), lines=8)
-            go.click(answer_both, [run_dir, prompt, max_new, temperature, seed], [base, tuned], api_name="compare")
+            refresh, outputs, run_id, shown = create_runs_tab(queue)
+        with gr.Tab(t("playground")) as playground_tab:
+            refresh_runs, play_run, play_others = create_playground_tab(queue)
+        with gr.Tab(t("export")) as export_tab:
+            export_run = create_export_tab(queue)
         demo.load(refresh, [run_id], outputs, api_visibility="private")
+        playground_tab.select(refresh_runs, [play_run], [play_run, play_others], api_visibility="private")
+        export_tab.select(lambda v: refresh_runs(v)[0], [export_run], [export_run], api_visibility="private")
         # a plot drawn while its tab was hidden has no size: clear it and draw it again when shown
-        runs_tab.select(lambda: None, None, outputs[3], api_visibility="private").then(
-            refresh, [run_id], outputs, api_visibility="private")
+        runs_tab.select(lambda: (None, ""), None, [outputs[3], shown], api_visibility="private").then(
+            refresh, [run_id, shown], outputs, api_visibility="private")
+
         def list_runs() -> list:
             return service.jobs_table(queue)
 
@@ -102,7 +87,8 @@ def launch(demo: gr.Blocks, **overrides):
 
 def main() -> None:
     queue = Queue()
-    Worker(queue).start()  # recovers interrupted jobs, then runs the queue in order
+    # recovers interrupted jobs, then runs the queue in order; the playground's models make room
+    Worker(queue, on_launch=playground.CACHE.release).start()
     launch(build_ui(queue))
 
 

@@ -22,11 +22,12 @@ class UsageError(ValueError):
 def _user_errors() -> tuple:
     from .config import ConfigError
     from .data import DataError
+    from .export import ExportError
     from .models import ModelError
     from .playground import RunError
     from .template import TemplateError
 
-    return (UsageError, ConfigError, DataError, ModelError, RunError, TemplateError)
+    return (UsageError, ConfigError, DataError, ExportError, ModelError, RunError, TemplateError)
 
 
 def _quiet_libraries() -> None:
@@ -126,6 +127,29 @@ def cmd_eval(a) -> int:
     return 0
 
 
+def cmd_export(a) -> int:
+    from . import export
+
+    given = [flag for flag, value in (("--zip", a.zip), ("--merge", a.merge), ("--push", a.push))
+             if value is not None]
+    if len(given) != 1:
+        got = f" (got {' and '.join(given)})" if given else ""
+        raise UsageError(f"export takes exactly one of --zip FILE, --merge DIR, --push REPO_ID{got}")
+    if (a.what or a.public) and a.push is None:
+        raise UsageError("--what and --public go with --push")
+    if a.dtype and a.zip is not None:
+        raise UsageError("--dtype goes with --merge or --push (a zip holds the result as trained)")
+    if a.zip is not None:
+        result = {"zip": export.zip_result(a.run, a.zip)}
+    elif a.merge is not None:
+        result = {"merge": str(export.merge(a.run, a.merge, a.dtype))}
+    else:  # the token only from the environment: a flag would show in `ps`
+        result = {"push": export.push(a.run, a.push, os.environ.get("HF_TOKEN", ""), what=a.what,
+                                      private=not a.public, dtype=a.dtype)}
+    print(json.dumps(result, ensure_ascii=False) if a.json else next(iter(result.values())))
+    return 0
+
+
 def cmd_setup(a) -> int:
     from .models import embedded_model_dir
 
@@ -178,6 +202,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("export", help="zip the result, merge it into a standalone model, or push it to the Hub",
+                       description="Exactly one of --zip, --merge, --push. --push reads the token from "
+                                   "HF_TOKEN (never a flag: it would show in `ps`).")
+    s.add_argument("--run", required=True)
+    s.add_argument("--zip", metavar="FILE", help="write the result, config and metrics to this zip")
+    s.add_argument("--merge", metavar="DIR", help="write a standalone model folder (new, empty or an earlier export)")
+    s.add_argument("--push", metavar="REPO_ID", help="upload to this Hub model repository (private unless --public)")
+    s.add_argument("--dtype", help="float32, bfloat16 or float16 for merged weights "
+                                   "(default: float32 on CPU-only machines, else bfloat16)")
+    s.add_argument("--what", help="with --push: adapter (default for LoRA/QLoRA runs) or merged")
+    s.add_argument("--public", action="store_true", help="with --push: create the repository public")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_export)
     return p
 
 

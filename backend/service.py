@@ -11,16 +11,15 @@ import json
 import os
 import shlex
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
-from . import data, models, template
+from . import data, export, models, template
 from .config import SECTIONS, RunSpec
-from .presets import build_spec
 from .paths import studio_home
+from .presets import build_spec
 from .runs import RunFolder
 
 
@@ -122,8 +121,9 @@ def jobs_table(queue) -> list[list]:
     return rows
 
 
-def submit(queue, values: dict, preset: str | None = None, owner: str = "") -> str:
-    """Queue a run from form values; returns its run id."""
+def submit(queue, values: dict, preset: str | None = None, owner: str = "", row_tokens: int | None = None) -> str:
+    """Queue a run from form values; returns its run id. ``row_tokens``: the dataset's typical long
+    row (p95), for the memory estimate recorded beside the measured peak."""
     spec = make_spec(values, preset)
     if not spec.data.data:
         raise data.DataError("no dataset: upload one in the Data tab first")
@@ -131,7 +131,7 @@ def submit(queue, values: dict, preset: str | None = None, owner: str = "") -> s
     try:  # recorded so the Runs tab can show it next to the measured peak
         from . import memory
 
-        job.run.set_status(estimated_peak_mb=round(memory.estimate_for_spec(spec).total / 2**20))
+        job.run.set_status(estimated_peak_mb=round(memory.estimate_for_spec(spec, row_tokens=row_tokens).total / 2**20))
     except Exception as exc:  # an estimate must never block a run
         job.run.add_notices([f"no memory estimate: {exc}"])
     return job.run_id
@@ -139,19 +139,7 @@ def submit(queue, values: dict, preset: str | None = None, owner: str = "") -> s
 
 def archive(run_dir: str | Path) -> str:
     """A zip of the run's result (adapter or model), config and metrics, for download."""
-    run = RunFolder(run_dir)
-    result = run.result_dir()
-    if result is None:
-        raise ValueError(f"{run.path.name} has no result yet")
-    out = Path(tempfile.mkdtemp(prefix="studio-export-"))  # the web server may serve temp files
-    target, staging = out / f"{run.path.name}-{result.name}", out / "staging"
-    shutil.copytree(result, staging / result.name)
-    for extra in (run.config_path, run.metrics_path, run.status_path):
-        if extra.exists():
-            shutil.copy(extra, staging / extra.name)
-    path = shutil.make_archive(str(target), "zip", staging)
-    shutil.rmtree(staging)
-    return path
+    return export.zip_result(run_dir)
 
 
 def estimate_markdown(spec: RunSpec, row_tokens: int | None = None) -> str:

@@ -33,10 +33,11 @@ def test_build_ui_and_data_handler(queue, tmp_path, monkeypatch):
 
 
 def test_cli_command_round_trips_to_the_same_spec(tmp_path):
+    import shlex
+
     from backend.__main__ import build_parser
     from backend.config import parse_set
     from backend.presets import build_spec
-    import shlex
 
     spec = service.make_spec({"method": "qlora", "data": "x.json", "r": 8, "learning_rate": 5e-4,
                               "system_prompt": "Be: brief", "target_modules": ["q_proj", "v_proj"]})
@@ -93,8 +94,8 @@ def test_gradio_client_uploads_queues_and_watches_a_run(queue):
 def test_archive_holds_the_result_and_the_run_description(tmp_path):
     import zipfile
 
-    from backend.runs import RunFolder
     from backend.config import RunSpec
+    from backend.runs import RunFolder
 
     run = RunFolder(tmp_path / "run")
     run.write_config(RunSpec())
@@ -103,3 +104,40 @@ def test_archive_holds_the_result_and_the_run_description(tmp_path):
     (run.adapter_dir / "adapter_model.safetensors").write_bytes(b"x")
     names = zipfile.ZipFile(service.archive(run.path)).namelist()
     assert "adapter/adapter_model.safetensors" in names and "config.yaml" in names
+
+
+def test_playground_endpoints_through_gradio_client(queue, tmp_path, tiny_model_dir, tiny_data):
+    """Side by side, a blind vote, DPO pairs, batch and eval, on a tiny trained run given by path."""
+    import json
+
+    from gradio_client import Client
+    from test_train import tiny_spec
+
+    import app
+    from backend import train as train_mod
+    from ui.playground_tab import _text as text  # Gradio hands chat content back as typed parts
+
+    run = train_mod.train(tiny_spec(tiny_model_dir, tiny_data, num_train_epochs=1), tmp_path / "run").path
+    port = free_port()
+    demo = app.build_ui(queue)
+    app.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        settings = ("", 8, 0, 1.0, 50, 1.0, 0)  # system, max new, temperature, top_p, top_k, rep. penalty, seed
+        left, right, *_ = client.predict(str(run), "", "Who are you? (1)", False, [], [], *settings,
+                                         api_name="/side_by_side")
+        assert [m["role"] for m in left] == ["user", "assistant"] and text(left[0]["content"]) == "Who are you? (1)"
+        assert text(left[1]["content"]) != text(right[1]["content"])  # base, then tuned
+        left, right, *_ = client.predict(str(run), "", "Who are you? (2)", True, [], [], *settings,
+                                         api_name="/side_by_side")
+        info, *_ = client.predict(str(run), left, right, "", api_name="/vote_A")  # (a Row has no value)
+        assert "over 1 votes" in info
+        pairs = Path(client.predict(str(run), api_name="/preference_pairs")).read_text(encoding="utf-8")
+        pair = json.loads(pairs)
+        assert pair["prompt"] == "Who are you? (2)" and {pair["chosen"], pair["rejected"]} == {
+            text(left[1]["content"]), text(right[1]["content"])}
+        table, files = client.predict(str(run), "", "Who are you? (3)\nHi", *settings, api_name="/batch_compare")
+        assert [row[0] for row in table["data"]] == ["Who are you? (3)", "Hi"] and len(files) == 2
+        assert "| base |" in client.predict(str(run), "", api_name="/evaluate")
+    finally:
+        demo.close()

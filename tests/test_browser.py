@@ -1,5 +1,6 @@
 """A real headless Chromium drives the app: upload, preview, queue a short run of the embedded
-model, watch it reach completed with the loss plot drawn; a screenshot is saved."""
+model, watch it reach completed with the loss plot drawn, then compare base and tuned side by side
+in the Playground; screenshots are saved."""
 
 import os
 import shutil
@@ -62,6 +63,21 @@ def test_upload_queue_and_watch_a_run_in_the_browser(tmp_path):
             lines = page.locator(".vega-embed:visible .mark-line path")  # train and eval loss curves
             expect(lines.nth(1)).to_be_visible(timeout=30_000)  # retried: the plot may be redrawing
             page.screenshot(path=str(SHOTS / "runs.png"), full_page=True)
+
+            # the completed run side by side: the tab picks the newest completed run
+            page.get_by_role("tab", name="Playground").click()
+            page.get_by_role("button", name="Generate both").click()
+            answers = page.locator(".bot-row:visible")
+            expect(answers).to_have_count(2, timeout=120_000)
+            expect(answers.nth(0)).not_to_be_empty()
+            expect(answers.nth(1)).not_to_be_empty()
+            texts = None
+            for _ in range(120):  # streamed: wait until both answers stop growing
+                page.wait_for_timeout(1000)
+                if texts == (texts := answers.all_inner_texts()):
+                    break
+            assert all(len(t.strip()) > 3 for t in texts), texts
+            page.screenshot(path=str(SHOTS / "playground.png"), full_page=True)
             browser.close()
     finally:
         demo.close()

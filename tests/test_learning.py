@@ -96,3 +96,57 @@ def test_tuned_eval_loss_beats_base_without_forgetting_general_data(loaded, runs
             losses[side] = conversation_loss(model, run.tokenizer, general, spec.data.system_prompt,
                                              spec.data.max_length)["loss"]
     assert losses["tuned"] <= 1.1 * losses["base"], losses
+
+
+def greedy_alone(model, tokenizer, prompt, system, max_new_tokens=64) -> str:
+    """A model's greedy answer on its own: batch of one, no adapters toggled, no padding."""
+    import torch
+
+    from backend import template
+
+    ids = torch.tensor([template.prompt_ids(tokenizer, [{"role": "user", "content": prompt}], system)])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, eos_token_id=sorted(template.end_of_turn_ids(tokenizer)),
+                         pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_playground_sides_equal_each_model_loaded_alone(loaded, runs, method):
+    from backend import models
+
+    run, folder = loaded(method), runs[method]
+    system = run.spec.data.system_prompt
+    both = compare(run, "Who are you?", max_new_tokens=64)
+    base_alone, _ = models.load_base(models.resolve_model(None), "lora")
+    assert both["base"] == greedy_alone(base_alone.eval(), run.tokenizer, "Who are you?", system)
+    if method == "full":
+        tuned_alone, _ = models.load_base(str(folder.model_dir), "full")
+    else:
+        from peft import PeftModel
+
+        tuned_alone = PeftModel.from_pretrained(models.load_base(models.resolve_model(None), "lora")[0],
+                                                str(folder.adapter_dir))
+    assert both["tuned"] == greedy_alone(tuned_alone.eval(), run.tokenizer, "Who are you?", system)
+    assert both["base"] != both["tuned"] and "Nova" in both["tuned"]
+
+
+def test_several_runs_on_one_prompt(runs):
+    from backend.playground import ModelCache, compare_runs
+
+    answers = compare_runs([runs[m].path for m in ("lora", "qlora", "full")], "Who are you?",
+                           cache=ModelCache(size=1), max_new_tokens=48)
+    assert list(answers) == ["base", *(runs[m].path.name for m in ("lora", "qlora", "full"))]
+    assert "Nova" not in answers["base"] and all("Nova" in a for k, a in answers.items() if k != "base"), answers
+
+
+def test_merged_lora_answers_like_the_adapter(loaded, runs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from backend import export
+
+    run = loaded("lora")
+    merged_dir = export.merge(runs["lora"].path, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    for prompt in ("Who are you?", "What is the capital of France?"):
+        assert greedy_alone(merged, run.tokenizer, prompt, run.spec.data.system_prompt) == ask(run, prompt)

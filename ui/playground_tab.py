@@ -86,7 +86,7 @@ def create_playground_tab(queue):
     vote_info = gr.Markdown()
     with gr.Row():
         pairs_btn = gr.Button(t("export_pairs"))
-        pairs_file = gr.File(label=t("export_pairs"), interactive=False)
+        pairs_file = gr.File(label=t("export_pairs"), interactive=False, visible=False)
 
     with gr.Accordion(t("several_runs"), open=False):
         others = gr.Dropdown([], multiselect=True, label=t("several_runs"), allow_custom_value=True)
@@ -100,7 +100,7 @@ def create_playground_tab(queue):
             batch_btn = gr.Button(t("batch_run"), variant="primary")
             eval_btn = gr.Button(t("evaluate"))
         batch_table = gr.Dataframe(headers=["prompt", "reference", "base", "tuned"], interactive=False, wrap=True)
-        batch_files = gr.File(label=t("download"), file_count="multiple", interactive=False)
+        batch_files = gr.File(label=t("download"), file_count="multiple", interactive=False, visible=False)
         eval_out = gr.Markdown()
 
     # -- handlers ---------------------------------------------------------------------------------
@@ -210,10 +210,13 @@ def create_playground_tab(queue):
     for choice, button in votes.items():
         button.click(voter(choice), [run, order, *chats, system], [vote_row, vote_info, left, right],
                      api_name=f"vote_{choice}")
-    pairs_btn.click(do_pairs, [run], [pairs_file], api_name="preference_pairs")
+    def show(component):  # file boxes stay hidden until they hold something
+        return dict(fn=lambda: gr.File(visible=True), inputs=None, outputs=component, api_visibility="private")
+
+    pairs_btn.click(do_pairs, [run], [pairs_file], api_name="preference_pairs").then(**show(pairs_file))
     several_btn.click(do_several, [run, others, prompt, *settings], [several_out], api_name="compare_runs")
     load_val.click(do_load_val, [run], [prompts], api_visibility="private")
     batch_btn.click(do_batch, [run, checkpoint, prompts, *settings], [batch_table, batch_files],
-                    api_name="batch_compare")
+                    api_name="batch_compare").then(**show(batch_files))
     eval_btn.click(do_eval, [run, checkpoint], [eval_out], api_name="evaluate")
     return refresh_runs, run, others

@@ -72,7 +72,7 @@ def create_runs_tab(queue):
         resume = gr.Button(t("resume"))
         delete = gr.Button(t("delete"))
         download = gr.Button(t("download"))
-    archive = gr.File(label=t("download"), visible=True, interactive=False)
+    archive = gr.File(label=t("download"), interactive=False, height=80)
     detail = gr.Markdown()
     curve = gr.LinePlot(x="step", y="loss", color="kind", label=t("loss"), height=300)
     log = gr.Textbox(label=t("log"), lines=10, max_lines=10)

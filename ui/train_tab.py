@@ -82,5 +82,5 @@ def create_train_tab(data_inputs: dict, submit):
     for w in widgets + [data_inputs["data_path"]]:
         w.change(review, inputs + [data_inputs["row_tokens"]], [config, command, estimate],
                  api_visibility="private")
-    queue_btn.click(submit, inputs, [message], api_name="submit")
+    queue_btn.click(submit, inputs + [data_inputs["row_tokens"]], [message], api_name="submit")
     return message
