@@ -51,6 +51,10 @@ class LoraArgs:
     lora_alpha: int = _f(32, "LoRA scaling numerator (scale = lora_alpha / r).")
     lora_dropout: float = _f(0.1, "Dropout on the LoRA input.")
     target_modules: Any = _f(["q_proj", "v_proj"], "Module names to adapt, or 'all-linear'.")
+    rank_pattern: dict = _f({}, "Per-module ranks: regex on the module name's end, e.g. {'self_attn.*': 32, 'mlp.*': 16}; others r.")
+    alpha_pattern: dict = _f({}, "Per-module lora_alpha by name or regex, like rank_pattern.")
+    target_parameters: list | None = _f(None, "Parameters (not modules) to adapt, e.g. fused MoE experts "
+                                              "[mlp.experts.gate_up_proj, mlp.experts.down_proj].")
     bias: str = _f("none", "none, all or lora_only.")
     use_dora: bool = _f(False, "Weight-decomposed LoRA (DoRA).")
     use_rslora: bool = _f(False, "Rank-stabilised scaling lora_alpha / sqrt(r).")
@@ -70,6 +74,9 @@ class TrainArgs:
     max_grad_norm: float = _f(1.0, "Gradient clipping.")
     optim: str = _f("adamw_torch", "Optimizer name as transformers names it (e.g. paged_adamw_8bit on CUDA).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward: less memory, ~30% slower.")
+    ewc_lambda: float = _f(0.0, "Full fine-tuning: strength of the EWC penalty pulling the weights general data "
+                                "relies on (Fisher diagonal on mix_data) back to the base.")
+    ewc_samples: int = _f(64, "Rows of general data used to estimate the Fisher diagonal for EWC.")
     seed: int = _f(42, "Seed for data order, dropout and initialisation.")
     logging_steps: int = _f(1, "Log metrics every N steps.")
     eval_steps: int = _f(0, "Evaluate every N steps (0: once per epoch).")
@@ -185,6 +192,8 @@ class RunSpec:
             (t.per_device_train_batch_size, int, lambda v: v > 0, "per_device_train_batch_size must be positive"),
             (t.max_grad_norm, (int, float), lambda v: v >= 0, "max_grad_norm must be >= 0"),
             (t.save_total_limit, int, lambda v: v >= 1, "save_total_limit must be >= 1"),
+            (t.ewc_lambda, (int, float), lambda v: v >= 0, "ewc_lambda must be >= 0"),
+            (t.ewc_samples, int, lambda v: v > 0, "ewc_samples must be positive"),
         ]
         for value, kind, ok, message in checks:
             if isinstance(value, bool) or not isinstance(value, kind) or not ok(value):
@@ -193,6 +202,15 @@ class RunSpec:
             value = getattr(t, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
                 problems.append(f"{name} must be a non-negative number (got {value!r})")
+        for name in ("rank_pattern", "alpha_pattern"):
+            pattern = getattr(lo, name)
+            if not isinstance(pattern, dict) or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in pattern.values()):
+                problems.append(f"{name} must map module names to positive numbers (got {pattern!r})")
+        if t.ewc_lambda and m.method != "full":
+            problems.append("ewc_lambda applies to full fine-tuning only (LoRA keeps the base frozen already)")
+        if t.ewc_lambda and not d.mix_data:
+            problems.append("ewc_lambda needs mix_data: the general data whose knowledge EWC protects")
         if not (lo.target_modules == "all-linear" or isinstance(lo.target_modules, list)):
             problems.append(f"target_modules must be a list of names or 'all-linear' (got {lo.target_modules!r})")
         if problems:

@@ -8,7 +8,8 @@ template and system prompt).
 Both sides of an adapter run come from ONE batched ``generate`` call: each row names its adapter
 (peft's mixed-adapter batches, ``adapter_names``; ``"__base__"`` runs the base weights alone), so
 the base row is never answered with the adapter still on, and both answers stream together. A full
-run generates its two sides on its two models in two threads. ``CACHE`` keeps the loaded runs
+run generates its two sides on its two models in two threads; a DoRA run (which peft's mixed
+batches do not support) toggles the adapter off for the base side, then on, under the run's lock. ``CACHE`` keeps the loaded runs
 (least recently used evicted); ``CACHE.release()`` frees them when a training job needs the GPU.
 
 Blind A/B: ``blind_order`` shuffles which side shows as A; ``record_vote`` appends to the run's
@@ -185,7 +186,7 @@ def stream_rows(loaded: LoadedRun, rows: list[tuple[str, list[dict]]], system_pr
                 repetition_penalty: float = 1.0, seed: int = 0) -> Iterator[list[str]]:
     """Generate every ``(side, messages)`` row at once; yields the list of answers so far, then the
     final list. Adapter runs: one batched call, each row with its adapter; full runs: one batched
-    call per model, in parallel threads."""
+    call per model, in parallel threads; DoRA runs: one call per side, in turn."""
     tok = loaded.tokenizer
     system = loaded.spec.data.system_prompt if system_prompt is None else system_prompt
     prompts = [template.prompt_ids(tok, messages, system) for _, messages in rows]
@@ -193,28 +194,32 @@ def stream_rows(loaded: LoadedRun, rows: list[tuple[str, list[dict]]], system_pr
     if tok.eos_token_id is not None:
         stop_ids.add(tok.eos_token_id)
     texts = [""] * len(rows)
-    groups = []  # (model, row indices, adapter names)
-    if loaded.tuned is None:
+    by_side = {side: [i for i, (s, _) in enumerate(rows) if s == side] for side in ("base", "tuned")}
+    groups = []  # (model, row indices, adapter names, context) per generate call
+    if loaded.tuned is not None:  # full: two models, two threads
+        groups = [[(model, by_side[side], None, nullcontext())]
+                  for side, model in (("base", loaded.base), ("tuned", loaded.tuned)) if by_side[side]]
+    elif loaded.adapter and loaded.spec.lora.use_dora:  # peft's mixed batches skip DoRA: toggle, in turn
+        groups = [[(loaded.base, by_side[side], None, loaded.model_for(side)[1])
+                   for side in ("base", "tuned") if by_side[side]]]
+    else:  # LoRA/QLoRA: one batched call, each row names its adapter
         adapter = loaded.adapter
         names = [BASE_ADAPTER if side == "base" else adapter for side, _ in rows] if adapter else None
-        groups.append((loaded.base, list(range(len(rows))), names))
-    else:
-        for side, model in (("base", loaded.base), ("tuned", loaded.tuned)):
-            idx = [i for i, (s, _) in enumerate(rows) if s == side]
-            if idx:
-                groups.append((model, idx, None))
+        groups = [[(loaded.base, list(range(len(rows))), names, nullcontext())]]
     errors: list[BaseException] = []
 
-    def work(model, idx, names):
+    def work(calls):
         try:
-            _generate_group(loaded, model, [prompts[i] for i in idx], names,
-                            _RowStreamer(tok, idx, texts, stop_ids), max_new_tokens, repetition_penalty,
-                            seed, _sampling(temperature, top_p, top_k))
+            for model, idx, names, context in calls:
+                with context:
+                    _generate_group(loaded, model, [prompts[i] for i in idx], names,
+                                    _RowStreamer(tok, idx, texts, stop_ids), max_new_tokens, repetition_penalty,
+                                    seed, _sampling(temperature, top_p, top_k))
         except BaseException as exc:  # surfaced in the caller's thread
             errors.append(exc)
 
     with loaded.lock:
-        threads = [threading.Thread(target=work, args=g, daemon=True) for g in groups]
+        threads = [threading.Thread(target=work, args=(calls,), daemon=True) for calls in groups]
         for thread in threads:
             thread.start()
         last = None

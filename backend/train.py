@@ -11,7 +11,8 @@ Flow (each step is a function below, in this order):
    assistant turns only (``backend.template.encode``).
 3. ``_setup_model``: load the base for the method (``backend.models.load_base``: 4-bit NF4 for
    qlora, 16-bit for lora, fp32 master weights for full; fp32 compute on CPU) and, for qlora/lora,
-   wrap it with a peft LoRA adapter. This is the only place the method matters.
+   wrap it with a peft LoRA adapter. This is the only place the method matters. Full fine-tuning
+   with ``ewc_lambda`` also estimates the Fisher diagonal on general data (``backend.ewc``).
 4. ``_trainer``: a transformers ``Trainer`` with padding-free packing
    (``DataCollatorWithFlattening``: a batch is one row of concatenated examples whose
    ``position_ids`` restart per example, so attention never crosses examples and no token is
@@ -58,13 +59,15 @@ def train(spec: RunSpec, run_dir: str | Path, resume: bool = False) -> RunFolder
         train_ds, val_ds, summary = _setup_data(run, spec, tokenizer, reuse=checkpoint is not None)
         set_seed(spec.train.seed)  # LoRA's initial weights come from this generator
         model, precision = _setup_model(spec)
-        notices = summary.get("notes", []) + ([precision.notice] if precision.notice else [])
+        spec, optim_notice = _optimizer_for_device(spec, precision.device)
+        notices = summary.get("notes", []) + [n for n in (precision.notice, optim_notice) if n]
         for n in notices:
             print(f"notice: {n}", flush=True)
         run.add_notices(notices)
         run.set_status("running", device=precision.device,
                        train_rows=len(train_ds), val_rows=len(val_ds) if val_ds else 0)
         trainer = _trainer(run, spec, model, tokenizer, train_ds, val_ds, precision)
+        trainer.ewc = _setup_ewc(spec, model, tokenizer)
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         _save_result(run, spec, trainer, tokenizer)
     except KeyboardInterrupt:
@@ -164,9 +167,36 @@ def _setup_model(spec: RunSpec):
     config = LoraConfig(
         r=lo.r, lora_alpha=lo.lora_alpha, lora_dropout=lo.lora_dropout, target_modules=lo.target_modules,
         bias=lo.bias, use_dora=lo.use_dora, use_rslora=lo.use_rslora, modules_to_save=lo.modules_to_save,
+        rank_pattern=lo.rank_pattern, alpha_pattern=lo.alpha_pattern, target_parameters=lo.target_parameters,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config), precision
+
+
+def _optimizer_for_device(spec: RunSpec, device: str) -> tuple[RunSpec, str | None]:
+    """bitsandbytes' 8-bit and paged optimizers need CUDA: on CPU the run uses AdamW, and says so."""
+    import dataclasses
+
+    optim = spec.train.optim
+    if device == "cuda" or not any(k in optim for k in ("8bit", "paged", "bnb")):
+        return spec, None
+    train = dataclasses.replace(spec.train, optim="adamw_torch")
+    return dataclasses.replace(spec, train=train), f"CPU: optim {optim} needs CUDA; using adamw_torch"
+
+
+def _setup_ewc(spec: RunSpec, model, tokenizer):
+    """Full fine-tuning with ``ewc_lambda``: the Fisher diagonal on ``ewc_samples`` general rows."""
+    if spec.model.method != "full" or not spec.train.ewc_lambda:
+        return None
+    from .ewc import EWC
+
+    general = data_mod.prepare(spec.data.mix_data, val_size=0, seed=spec.train.seed).train
+    sample = random.Random(spec.train.seed + 1).sample(general, min(spec.train.ewc_samples, len(general)))
+    rows = data_mod.encode_all(tokenizer, sample, spec.data.system_prompt, spec.data.max_length)
+    t0 = time.time()
+    ewc = EWC(model, rows, spec.train.ewc_lambda)
+    print(f"EWC: Fisher diagonal from {len(rows)} general rows in {time.time() - t0:.0f}s", flush=True)
+    return ewc
 
 
 # -- 4. trainer ---------------------------------------------------------------------------------
@@ -215,15 +245,18 @@ def _trainer(run, spec, model, tokenizer, train_ds, val_ds, precision):
 
 
 class StudioTrainer(Trainer):
-    """The Trainer with two changes.
+    """The Trainer with these changes.
 
     * The loss projects onto the vocabulary only where a token is learned (``logits_to_keep``):
       prompt tokens need no logits, which saves the largest matmul and its memory for them. The
       value equals the model's own causal-LM loss (tested), normalised the same way.
+    * With EWC (``ewc``), the penalty for moving weights general data relies on joins the loss.
     * Evaluation leaves the random generators as it found them, so a run resumed from a checkpoint
       draws the same dropout masks as one that never stopped (creating the eval dataloader would
       otherwise consume a draw that the resumed run, which skips that evaluation, never makes).
     """
+
+    ewc = None  # an ewc.EWC whose penalty joins the training loss (full fine-tuning, ewc_lambda > 0)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
@@ -239,6 +272,8 @@ class StudioTrainer(Trainer):
             loss, self.loss_is_scaled_for_ga = loss / (targets != template.IGNORE_INDEX).sum(), False
         else:  # normalised over the whole accumulated batch, as the model's own loss would be
             loss, self.loss_is_scaled_for_ga = loss / num_items_in_batch, True
+        if self.ewc is not None and model.training:  # once per update, however many micro-batches
+            loss = loss + self.ewc.penalty() / (self.args.gradient_accumulation_steps if self.loss_is_scaled_for_ga else 1)
         return (loss, outputs) if return_outputs else loss
 
     def evaluate(self, *args, **kwargs):
