@@ -15,14 +15,23 @@ METHODS = [
 ]
 FIELDS = ["model", "method", "preset", "num_train_epochs", "learning_rate", "per_device_train_batch_size",
           "r", "lora_alpha", "lora_dropout", "target_modules", "gradient_accumulation_steps",
-          "gradient_checkpointing", "max_length", "system_prompt", "mix_data", "mix_ratio"]
+          "gradient_checkpointing", "max_length", "system_prompt", "mix_data", "mix_ratio",
+          "use_dora", "use_rslora", "modules_to_save", "optim", "ewc_lambda"]
+OPTIMIZERS = ["adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_bnb_8bit", "adafactor", "sgd"]
+
+
+def _names(text) -> list[str]:
+    return [x.strip() for x in (text or "").split(",") if x.strip()]
 
 
 def form_values(data_path, fmt, mapping, *values) -> tuple[dict, str | None]:
     v = dict(zip(FIELDS, values))
     preset = v.pop("preset") or None
     targets = (v.pop("target_modules") or "").strip()
-    v["target_modules"] = "all-linear" if targets in ("", "all-linear") else [x.strip() for x in targets.split(",")]
+    v["target_modules"] = "all-linear" if targets in ("", "all-linear") else _names(targets)
+    v["modules_to_save"] = _names(v.get("modules_to_save")) or None
+    if v.get("method") != "full":
+        v.pop("ewc_lambda", None)  # shown for full fine-tuning only
     v.update(data=data_path or None, format=fmt, mapping=service.parse_mapping(mapping))
     return v, preset
 
@@ -44,7 +53,8 @@ def preset_defaults(model, method, preset):
     t, lo = spec.train, spec.lora
     targets = lo.target_modules if isinstance(lo.target_modules, str) else ",".join(lo.target_modules)
     return (t.num_train_epochs, t.learning_rate, t.per_device_train_batch_size, lo.r, lo.lora_alpha,
-            lo.lora_dropout, targets, t.gradient_accumulation_steps, spec.data.mix_ratio)
+            lo.lora_dropout, targets, t.gradient_accumulation_steps, spec.data.mix_ratio, lo.use_dora,
+            lo.use_rslora, ",".join(lo.modules_to_save or []), t.optim, t.ewc_lambda)
 
 
 def create_train_tab(data_inputs: dict, submit):
@@ -67,8 +77,15 @@ def create_train_tab(data_inputs: dict, submit):
             checkpointing = gr.Checkbox(False, label="gradient_checkpointing")
             mix_data = gr.Textbox("", label=t("mix_data"))
             mix_ratio = gr.Number(0.5, minimum=0, label="mix_ratio")
+        with gr.Row():
+            use_dora = gr.Checkbox(False, label="use_dora (DoRA)")
+            use_rslora = gr.Checkbox(False, label="use_rslora (rsLoRA)")
+            modules_to_save = gr.Textbox("", label="modules_to_save (trained fully beside LoRA, e.g. lm_head)")
+            optim = gr.Dropdown(OPTIMIZERS, value="adamw_torch", allow_custom_value=True, label="optim")
+            ewc_lambda = gr.Number(0.0, minimum=0, label="ewc_lambda (full only; needs mix_data)")
     widgets = [model, method, preset, epochs, lr, batch, r, alpha, dropout, targets, accum, checkpointing,
-               data_inputs["max_length"], data_inputs["system_prompt"], mix_data, mix_ratio]
+               data_inputs["max_length"], data_inputs["system_prompt"], mix_data, mix_ratio,
+               use_dora, use_rslora, modules_to_save, optim, ewc_lambda]
     inputs = [data_inputs["data_path"], data_inputs["format"], data_inputs["mapping"], *widgets]
     estimate = gr.Markdown(label=t("estimate"))
     with gr.Row():
@@ -76,7 +93,8 @@ def create_train_tab(data_inputs: dict, submit):
         command = gr.Code(language="shell", label=t("command"))
     queue_btn = gr.Button(t("queue"), variant="primary")
     message = gr.Markdown()
-    tuned_by_preset = [epochs, lr, batch, r, alpha, dropout, targets, accum, mix_ratio]
+    tuned_by_preset = [epochs, lr, batch, r, alpha, dropout, targets, accum, mix_ratio, use_dora, use_rslora,
+                       modules_to_save, optim, ewc_lambda]
     for w in (method, preset):
         w.change(preset_defaults, [model, method, preset], tuned_by_preset, api_visibility="private")
     for w in widgets + [data_inputs["data_path"]]:
