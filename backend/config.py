@@ -53,6 +53,13 @@ class LoraArgs:
     target_modules: Any = _f(["q_proj", "v_proj"], "Module names to adapt, or 'all-linear'.")
     rank_pattern: dict = _f({}, "Per-module ranks: regex on the module name's end, e.g. {'self_attn.*': 32, 'mlp.*': 16}; others r.")
     alpha_pattern: dict = _f({}, "Per-module lora_alpha by name or regex, like rank_pattern.")
+    use_adalora: bool = _f(False, "AdaLoRA: start every module at init_r and reallocate a total budget of "
+                                  "target_r per module to where it matters most during training.")
+    init_r: int = _f(12, "AdaLoRA: starting rank of every module.")
+    target_r: int = _f(8, "AdaLoRA: average rank per module after reallocation.")
+    tinit: float = _f(0.1, "AdaLoRA: steps before reallocation starts (a share of all steps when < 1).")
+    tfinal: float = _f(0.2, "AdaLoRA: final steps with ranks fixed (a share of all steps when < 1).")
+    deltaT: int = _f(1, "AdaLoRA: steps between reallocations.")
     target_parameters: list | None = _f(None, "Parameters (not modules) to adapt, e.g. fused MoE experts "
                                               "[mlp.experts.gate_up_proj, mlp.experts.down_proj].")
     bias: str = _f("none", "none, all or lora_only.")
@@ -76,6 +83,8 @@ class TrainArgs:
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward: less memory, ~30% slower.")
     ewc_lambda: float = _f(0.0, "Full fine-tuning: strength of the EWC penalty pulling the weights general data "
                                 "relies on (Fisher diagonal on mix_data) back to the base.")
+    early_stopping_patience: int = _f(0, "Stop when eval loss has not improved for this many evaluations and keep "
+                                         "the best checkpoint as the result (0: off).")
     ewc_samples: int = _f(64, "Rows of general data used to estimate the Fisher diagonal for EWC.")
     seed: int = _f(42, "Seed for data order, dropout and initialisation.")
     logging_steps: int = _f(1, "Log metrics every N steps.")
@@ -194,6 +203,10 @@ class RunSpec:
             (t.save_total_limit, int, lambda v: v >= 1, "save_total_limit must be >= 1"),
             (t.ewc_lambda, (int, float), lambda v: v >= 0, "ewc_lambda must be >= 0"),
             (t.ewc_samples, int, lambda v: v > 0, "ewc_samples must be positive"),
+            (t.early_stopping_patience, int, lambda v: v >= 0, "early_stopping_patience must be >= 0"),
+            (lo.init_r, int, lambda v: v > 0, "init_r must be a positive integer"),
+            (lo.target_r, int, lambda v: v > 0, "target_r must be a positive integer"),
+            (lo.deltaT, int, lambda v: v > 0, "deltaT must be a positive integer"),
         ]
         for value, kind, ok, message in checks:
             if isinstance(value, bool) or not isinstance(value, kind) or not ok(value):
@@ -209,6 +222,12 @@ class RunSpec:
                 problems.append(f"{name} must map module names to positive numbers (got {pattern!r})")
         if t.ewc_lambda and m.method != "full":
             problems.append("ewc_lambda applies to full fine-tuning only (LoRA keeps the base frozen already)")
+        if t.early_stopping_patience and not d.val_size:
+            problems.append("early_stopping_patience needs a validation split (val_size > 0)")
+        if lo.use_adalora and (m.method == "full" or lo.use_dora):
+            problems.append("use_adalora goes with lora or qlora, without use_dora")
+        if lo.use_adalora and lo.target_r > lo.init_r:
+            problems.append(f"target_r ({lo.target_r}) must not exceed init_r ({lo.init_r})")
         if t.ewc_lambda and not d.mix_data:
             problems.append("ewc_lambda needs mix_data: the general data whose knowledge EWC protects")
         if not (lo.target_modules == "all-linear" or isinstance(lo.target_modules, list)):

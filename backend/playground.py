@@ -8,9 +8,10 @@ template and system prompt).
 Both sides of an adapter run come from ONE batched ``generate`` call: each row names its adapter
 (peft's mixed-adapter batches, ``adapter_names``; ``"__base__"`` runs the base weights alone), so
 the base row is never answered with the adapter still on, and both answers stream together. A full
-run generates its two sides on its two models in two threads; a DoRA run (which peft's mixed
-batches do not support) toggles the adapter off for the base side, then on, under the run's lock. ``CACHE`` keeps the loaded runs
-(least recently used evicted); ``CACHE.release()`` frees them when a training job needs the GPU.
+run generates its two sides on its two models in two threads; a DoRA or AdaLoRA run (which peft's
+mixed batches do not support) toggles the adapter off for the base side, then on, under the run's
+lock. ``CACHE`` keeps the loaded runs (least recently used evicted); ``CACHE.release()`` frees them
+when a training job needs the GPU.
 
 Blind A/B: ``blind_order`` shuffles which side shows as A; ``record_vote`` appends to the run's
 ``votes.jsonl``; ``vote_summary`` gives the tuned model's win rate; ``preference_pairs`` turns the
@@ -199,7 +200,8 @@ def stream_rows(loaded: LoadedRun, rows: list[tuple[str, list[dict]]], system_pr
     if loaded.tuned is not None:  # full: two models, two threads
         groups = [[(model, by_side[side], None, nullcontext())]
                   for side, model in (("base", loaded.base), ("tuned", loaded.tuned)) if by_side[side]]
-    elif loaded.adapter and loaded.spec.lora.use_dora:  # peft's mixed batches skip DoRA: toggle, in turn
+    elif loaded.adapter and (loaded.spec.lora.use_dora or loaded.spec.lora.use_adalora):
+        # peft's mixed batches support neither DoRA nor AdaLoRA: toggle the adapter, side after side
         groups = [[(loaded.base, by_side[side], None, loaded.model_for(side)[1])
                    for side in ("base", "tuned") if by_side[side]]]
     else:  # LoRA/QLoRA: one batched call, each row names its adapter

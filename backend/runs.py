@@ -114,3 +114,22 @@ class RunFolder:
             if d.exists() and any(d.glob("*.safetensors")):
                 return d
         return None
+
+
+def overfitting_signal(metrics: list[dict], rises: int = 2) -> str | None:
+    """A warning when eval loss has risen ``rises`` evaluations in a row while the train loss over
+    the same steps fell: the model is memorising its training rows."""
+    evals = [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m]
+    if len(evals) < rises + 1:
+        return None
+    window = evals[-(rises + 1):]
+    if not all(b[1] > a[1] for a, b in zip(window, window[1:])):
+        return None
+    start, end = window[0][0], window[-1][0]
+    before = [m["loss"] for m in metrics if "loss" in m and m["step"] <= start]
+    during = [m["loss"] for m in metrics if "loss" in m and start < m["step"] <= end]
+    if not before or not during or sum(during) / len(during) >= sum(before[-len(during):]) / len(before[-len(during):]):
+        return None
+    return (f"overfitting: eval loss rose from {window[0][1]:.3f} to {window[-1][1]:.3f} since step {start} "
+            f"while train loss fell; try early_stopping_patience, fewer epochs, more data or augmentation")
+

@@ -20,7 +20,7 @@ from . import data, export, models, template
 from .config import SECTIONS, RunSpec
 from .paths import studio_home
 from .presets import build_spec
-from .runs import RunFolder
+from .runs import RunFolder, overfitting_signal
 
 
 def store_upload(path: str, root: str | Path | None = None) -> str:
@@ -102,7 +102,8 @@ def run_view(run_dir: str | Path, log_lines: int = 20) -> dict:
         "elapsed_s": status.get("elapsed_s"), "tokens_per_second": status.get("tokens_per_second"),
         "peak_memory_mb": status.get("peak_memory_mb"), "estimated_peak_mb": status.get("estimated_peak_mb"),
         "error": status.get("error"),
-        "notices": status.get("notices") or [],
+        "notices": (status.get("notices") or []) + [w for w in [overfitting_signal(metrics)] if w],
+        "best_step": status.get("best_step"), "stopped_early": status.get("stopped_early"),
         "loss": [{"step": m["step"], "loss": m["loss"], "kind": "train"} for m in metrics if "loss" in m]
         + [{"step": m["step"], "loss": m["eval_loss"], "kind": "eval"} for m in metrics if "eval_loss" in m],
         "log": log, "result": run.result_dir().name if run.result_dir() else None,

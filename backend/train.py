@@ -20,6 +20,8 @@ Flow (each step is a function below, in this order):
    (or epoch) keeping ``save_total_limit``, evaluation on the validation split. ``RunCallback``
    appends ``metrics.jsonl`` (loss, lr, tokens/s, eval loss, elapsed, ETA, peak memory), keeps
    ``status.json`` current, prints a progress line with the ETA, and marks checkpoints complete.
+   With ``early_stopping_patience`` the Trainer stops when eval loss stops improving and keeps the
+   best checkpoint; AdaLoRA runs get ``AdaLoraCallback``, which reallocates ranks each step.
 5. ``trainer.train(resume_from_checkpoint=...)``, then save the result: ``adapter/`` (peft,
    safetensors) or ``model/`` plus the tokenizer, and mark the run ``completed``. A failure marks
    it ``failed`` with the error; SIGTERM/Ctrl-C mark it ``cancelled``.
@@ -28,6 +30,7 @@ Flow (each step is a function below, in this order):
 from __future__ import annotations
 
 import logging
+import math
 import random
 import resource
 import shutil
@@ -58,7 +61,7 @@ def train(spec: RunSpec, run_dir: str | Path, resume: bool = False) -> RunFolder
         )
         train_ds, val_ds, summary = _setup_data(run, spec, tokenizer, reuse=checkpoint is not None)
         set_seed(spec.train.seed)  # LoRA's initial weights come from this generator
-        model, precision = _setup_model(spec)
+        model, precision = _setup_model(spec, total_steps=_total_steps(spec, len(train_ds)))
         spec, optim_notice = _optimizer_for_device(spec, precision.device)
         notices = summary.get("notes", []) + [n for n in (precision.notice, optim_notice) if n]
         for n in notices:
@@ -69,6 +72,7 @@ def train(spec: RunSpec, run_dir: str | Path, resume: bool = False) -> RunFolder
         trainer = _trainer(run, spec, model, tokenizer, train_ds, val_ds, precision)
         trainer.ewc = _setup_ewc(spec, model, tokenizer)
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        _record_best(run, trainer)
         _save_result(run, spec, trainer, tokenizer)
     except KeyboardInterrupt:
         run.set_status("cancelled", ended_at=time.time(), error="cancelled by the user")
@@ -151,7 +155,16 @@ def _tokenize(tokenizer, conversations, d):
 
 
 # -- 3. model -----------------------------------------------------------------------------------
-def _setup_model(spec: RunSpec):
+def _total_steps(spec: RunSpec, n_rows: int) -> int:
+    """Optimizer steps the run will take (AdaLoRA's schedule needs it before the Trainer exists)."""
+    t = spec.train
+    if t.max_steps > 0:
+        return t.max_steps
+    per_epoch = max(math.ceil(n_rows / t.per_device_train_batch_size) // (t.gradient_accumulation_steps or 1), 1)
+    return max(math.ceil(per_epoch * t.num_train_epochs), 1)
+
+
+def _setup_model(spec: RunSpec, total_steps: int = 1):
     model, precision = models.load_base(
         models.resolve_model(spec.model.model), spec.model.method, spec.model.trust_remote_code
     )
@@ -164,12 +177,23 @@ def _setup_model(spec: RunSpec):
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=spec.train.gradient_checkpointing
         )
-    config = LoraConfig(
-        r=lo.r, lora_alpha=lo.lora_alpha, lora_dropout=lo.lora_dropout, target_modules=lo.target_modules,
-        bias=lo.bias, use_dora=lo.use_dora, use_rslora=lo.use_rslora, modules_to_save=lo.modules_to_save,
-        rank_pattern=lo.rank_pattern, alpha_pattern=lo.alpha_pattern, target_parameters=lo.target_parameters,
-        task_type="CAUSAL_LM",
-    )
+    common = dict(lora_alpha=lo.lora_alpha, lora_dropout=lo.lora_dropout, target_modules=lo.target_modules,
+                  bias=lo.bias, modules_to_save=lo.modules_to_save, task_type="CAUSAL_LM")
+    if lo.use_adalora:
+        from peft import AdaLoraConfig
+
+        def steps(v):  # a share of all steps when < 1
+            return int(v * total_steps) if v < 1 else int(v)
+
+        tinit, tfinal = steps(lo.tinit), steps(lo.tfinal)
+        if tinit + tfinal >= total_steps:
+            raise ValueError(f"AdaLoRA needs steps to reallocate in: tinit {tinit} + tfinal {tfinal} "
+                             f">= {total_steps} total steps (lower them or train longer)")
+        config = AdaLoraConfig(init_r=lo.init_r, target_r=lo.target_r, tinit=tinit, tfinal=tfinal,
+                               deltaT=lo.deltaT, total_step=total_steps, **common)
+    else:
+        config = LoraConfig(r=lo.r, use_dora=lo.use_dora, use_rslora=lo.use_rslora, rank_pattern=lo.rank_pattern,
+                            alpha_pattern=lo.alpha_pattern, target_parameters=lo.target_parameters, **common)
     return get_peft_model(model, config), precision
 
 
@@ -204,6 +228,7 @@ def _trainer(run, spec, model, tokenizer, train_ds, val_ds, precision):
     from transformers import DataCollatorWithFlattening, PrinterCallback, TrainingArguments
 
     t = spec.train
+    early_stop = bool(t.early_stopping_patience) and val_ds is not None
     args = TrainingArguments(
         output_dir=str(run.checkpoints_dir),
         learning_rate=t.learning_rate,
@@ -223,8 +248,11 @@ def _trainer(run, spec, model, tokenizer, train_ds, val_ds, precision):
         logging_steps=t.logging_steps,
         eval_strategy=("steps" if t.eval_steps else "epoch") if val_ds is not None else "no",
         eval_steps=t.eval_steps or None,
-        save_strategy="steps" if t.save_steps else "epoch",
-        save_steps=t.save_steps or 500,
+        save_strategy="steps" if (t.save_steps or early_stop and t.eval_steps) else "epoch",
+        save_steps=(t.eval_steps if early_stop and t.eval_steps else t.save_steps) or 500,
+        load_best_model_at_end=early_stop,  # the best checkpoint becomes the result
+        metric_for_best_model="eval_loss" if early_stop else None,
+        greater_is_better=False if early_stop else None,
         save_total_limit=t.save_total_limit,
         bf16=precision.mixed == "bf16",
         fp16=precision.mixed == "fp16",
@@ -240,6 +268,13 @@ def _trainer(run, spec, model, tokenizer, train_ds, val_ds, precision):
         data_collator=DataCollatorWithFlattening(), processing_class=tokenizer,
         callbacks=[RunCallback(run)],
     )
+    if early_stop:
+        from transformers import EarlyStoppingCallback
+
+        trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
+    if spec.lora.use_adalora and spec.model.method != "full":
+        trainer.adalora = True
+        trainer.add_callback(AdaLoraCallback())
     trainer.remove_callback(PrinterCallback)  # RunCallback prints one readable line per log
     return trainer
 
@@ -250,6 +285,7 @@ class StudioTrainer(Trainer):
     * The loss projects onto the vocabulary only where a token is learned (``logits_to_keep``):
       prompt tokens need no logits, which saves the largest matmul and its memory for them. The
       value equals the model's own causal-LM loss (tested), normalised the same way.
+    * AdaLoRA runs add the orthogonality regulariser peft adds only to a loss made from ``labels``.
     * With EWC (``ewc``), the penalty for moving weights general data relies on joins the loss.
     * Evaluation leaves the random generators as it found them, so a run resumed from a checkpoint
       draws the same dropout masks as one that never stopped (creating the eval dataloader would
@@ -257,6 +293,7 @@ class StudioTrainer(Trainer):
     """
 
     ewc = None  # an ewc.EWC whose penalty joins the training loss (full fine-tuning, ewc_lambda > 0)
+    adalora = False  # add AdaLoRA's orthogonality regulariser
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
@@ -272,6 +309,8 @@ class StudioTrainer(Trainer):
             loss, self.loss_is_scaled_for_ga = loss / (targets != template.IGNORE_INDEX).sum(), False
         else:  # normalised over the whole accumulated batch, as the model's own loss would be
             loss, self.loss_is_scaled_for_ga = loss / num_items_in_batch, True
+        if self.adalora and model.training:
+            loss = loss + _adalora_orthogonality(self.model)  # what AdaLoraModel adds when given labels
         if self.ewc is not None and model.training:  # once per update, however many micro-batches
             loss = loss + self.ewc.penalty() / (self.args.gradient_accumulation_steps if self.loss_is_scaled_for_ga else 1)
         return (loss, outputs) if return_outputs else loss
@@ -279,6 +318,26 @@ class StudioTrainer(Trainer):
     def evaluate(self, *args, **kwargs):
         with torch.random.fork_rng():
             return super().evaluate(*args, **kwargs)
+
+
+def _adalora_orthogonality(model) -> torch.Tensor:
+    """AdaLoRA's regulariser keeping P and Q orthogonal, ``orth_reg_weight * mean ||PᵀP - I||_F``
+    over its matrices (peft adds it only to a loss computed from ``labels``, which we do not pass)."""
+    config = model.peft_config["default"]
+    terms = []
+    for name, p in model.named_parameters():
+        if ("lora_A" in name or "lora_B" in name) and p.requires_grad:
+            cov = p @ p.T if "lora_A" in name else p.T @ p
+            terms.append(torch.norm(cov - torch.eye(*cov.shape, device=cov.device, dtype=cov.dtype), p="fro"))
+    return config.orth_reg_weight * torch.stack(terms).mean() if terms else torch.zeros(())
+
+
+class AdaLoraCallback(TrainerCallback):
+    """Reallocates AdaLoRA's ranks after each optimizer step, while the gradients still exist.
+    The Trainer never calls ``update_and_allocate`` itself: without this AdaLoRA is plain LoRA."""
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        model.base_model.update_and_allocate(state.global_step)
 
 
 def peak_memory_mb() -> float:
@@ -348,6 +407,17 @@ def _progress_line(r: dict, total: int) -> str:
 
 
 # -- 5. result ----------------------------------------------------------------------------------
+def _record_best(run: RunFolder, trainer) -> None:
+    """With early stopping: which checkpoint became the result, and whether training stopped early."""
+    state = trainer.state
+    if not trainer.args.load_best_model_at_end or not state.best_model_checkpoint:
+        return
+    best_step = int(Path(state.best_model_checkpoint).name.rsplit("-", 1)[-1])
+    stopped = state.global_step < state.max_steps
+    run.set_status(best_step=best_step, best_eval_loss=state.best_metric, stopped_early=stopped)
+    print(f"{'stopped early at' if stopped else 'finished at'} step {state.global_step}; "
+          f"result: the best checkpoint (step {best_step}, eval_loss {state.best_metric:.4f})", flush=True)
+
 def _save_result(run: RunFolder, spec: RunSpec, trainer, tokenizer) -> None:
     target = run.model_dir if spec.model.method == "full" else run.adapter_dir
     trainer.model.save_pretrained(target)

@@ -92,3 +92,42 @@ def test_8bit_optimizer_falls_back_on_cpu_with_a_notice(tmp_path, tiny_model_dir
     assert run.status()["state"] == "completed"
     assert any("paged_adamw_8bit needs CUDA" in n for n in run.status()["notices"])
     assert json.dumps(run.spec().to_dict()).count("paged_adamw_8bit") == 1  # the config keeps what was asked
+
+
+def test_adalora_reallocates_ranks_and_reloads(tmp_path, tiny_model_dir, tiny_data):
+    spec = tiny_spec(tiny_model_dir, tiny_data, use_adalora=True, init_r=6, target_r=2, tinit=2, tfinal=3,
+                     max_steps=12, learning_rate=5e-2)
+    run = train_mod.train(spec, tmp_path / "run")
+    config = json.loads((run.adapter_dir / "adapter_config.json").read_text())
+    assert config["peft_type"] == "ADALORA"
+    kept = {name: sum(mask) for name, mask in (config["rank_pattern"] or {}).items()}  # set only by reallocation
+    assert kept and sum(kept.values()) <= 2 * len(kept) < 6 * len(kept)  # the budget: target_r per module
+    assert len(set(kept.values())) > 1  # spread unevenly: ranks went where they mattered
+    loaded = playground.load_run(run.path)
+    both = playground.compare(loaded, "Who are you? (1)", max_new_tokens=6)
+    assert both["base"] != both["tuned"]
+
+
+def test_early_stopping_keeps_the_best_checkpoint(tmp_path, tiny_model_dir, tiny_data):
+    # a learning rate this high makes eval loss climb after a few steps
+    spec = tiny_spec(tiny_model_dir, tiny_data, learning_rate=3.0, max_steps=40, eval_steps=2,
+                     early_stopping_patience=2, save_total_limit=1, warmup_steps=0)
+    run = train_mod.train(spec, tmp_path / "run")
+    status = run.status()
+    evals = [m for m in run.metrics() if "eval_loss" in m]
+    best = min(evals, key=lambda m: m["eval_loss"])
+    assert status["stopped_early"] and status["step"] < 40
+    assert status["best_step"] == best["step"] and status["best_eval_loss"] == pytest.approx(best["eval_loss"])
+    assert [m["step"] for m in evals][-1] == best["step"] + 2 * 2  # stopped after `patience` worse evaluations
+
+
+def test_overfitting_signal():
+    from backend.runs import overfitting_signal
+
+    rising = [{"step": s, "loss": 3.0 - 0.2 * s} for s in range(1, 9)] + [
+        {"step": 2, "eval_loss": 2.0}, {"step": 4, "eval_loss": 1.8}, {"step": 6, "eval_loss": 1.9},
+        {"step": 8, "eval_loss": 2.1}]
+    assert "overfitting" in overfitting_signal(rising)
+    assert overfitting_signal(rising[:-1]) is None  # one rise is noise
+    flat_train = [m if "eval_loss" in m else {**m, "loss": 1.0} for m in rising]
+    assert overfitting_signal(flat_train) is None  # both rising or flat: not memorising

@@ -26,6 +26,8 @@ def detail_markdown(view: dict) -> str:
         parts.append(f"peak memory {view['peak_memory_mb']:.0f} MB")
     if view.get("estimated_peak_mb"):
         parts.append(f"estimated {view['estimated_peak_mb']:.0f} MB")
+    if view.get("best_step"):
+        parts.append(("stopped early; " if view.get("stopped_early") else "") + f"result: best step {view['best_step']}")
     text = " · ".join(parts)
     for notice in view["notices"]:
         text += f"\n\n> {notice}"
