@@ -70,10 +70,11 @@ def test_gradio_client_uploads_queues_and_watches_a_run(queue):
                                      "You are a helpful assistant.", 512, api_name="/prepare")
         assert "alpaca" in summary and "91 rows" in summary
         # model, method, preset, epochs, lr, batch, r, alpha, dropout, targets, accum, checkpointing,
-        # max_length, system_prompt, mix_data, mix_ratio, use_dora, use_rslora, modules_to_save, optim, ewc_lambda
+        # max_length, system_prompt, mix_data, mix_ratio, use_dora, use_rslora, modules_to_save, optim, ewc_lambda,
+        # use_adalora, early_stopping_patience
         message = client.predict("auto", "", "", "lora", "", 0.1, 1e-3, 8, 8, 16, 0.0, "q_proj,v_proj",
                                  1, False, 512, "You are a helpful assistant.", "", 0, False, False, "",
-                                 "adamw_torch", 0, api_name="/submit")
+                                 "adamw_torch", 0, False, 0, api_name="/submit")
         assert "Queued" in message, message
         run_id = client.predict(api_name="/list")[-1][0]
         deadline = time.time() + 600

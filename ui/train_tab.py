@@ -16,7 +16,7 @@ METHODS = [
 FIELDS = ["model", "method", "preset", "num_train_epochs", "learning_rate", "per_device_train_batch_size",
           "r", "lora_alpha", "lora_dropout", "target_modules", "gradient_accumulation_steps",
           "gradient_checkpointing", "max_length", "system_prompt", "mix_data", "mix_ratio",
-          "use_dora", "use_rslora", "modules_to_save", "optim", "ewc_lambda"]
+          "use_dora", "use_rslora", "modules_to_save", "optim", "ewc_lambda", "use_adalora", "early_stopping_patience"]
 OPTIMIZERS = ["adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_bnb_8bit", "adafactor", "sgd"]
 
 
@@ -54,7 +54,8 @@ def preset_defaults(model, method, preset):
     targets = lo.target_modules if isinstance(lo.target_modules, str) else ",".join(lo.target_modules)
     return (t.num_train_epochs, t.learning_rate, t.per_device_train_batch_size, lo.r, lo.lora_alpha,
             lo.lora_dropout, targets, t.gradient_accumulation_steps, spec.data.mix_ratio, lo.use_dora,
-            lo.use_rslora, ",".join(lo.modules_to_save or []), t.optim, t.ewc_lambda)
+            lo.use_rslora, ",".join(lo.modules_to_save or []), t.optim, t.ewc_lambda, lo.use_adalora,
+            t.early_stopping_patience)
 
 
 def create_train_tab(data_inputs: dict, submit):
@@ -83,9 +84,13 @@ def create_train_tab(data_inputs: dict, submit):
             modules_to_save = gr.Textbox("", label="modules_to_save (trained fully beside LoRA, e.g. lm_head)")
             optim = gr.Dropdown(OPTIMIZERS, value="adamw_torch", allow_custom_value=True, label="optim")
             ewc_lambda = gr.Number(0.0, minimum=0, label="ewc_lambda (full only; needs mix_data)")
+        with gr.Row():
+            use_adalora = gr.Checkbox(False, label="use_adalora (AdaLoRA: ranks reallocated while training)")
+            patience = gr.Number(0, precision=0, minimum=0,
+                                 label="early_stopping_patience (evaluations without improvement; 0: off)")
     widgets = [model, method, preset, epochs, lr, batch, r, alpha, dropout, targets, accum, checkpointing,
                data_inputs["max_length"], data_inputs["system_prompt"], mix_data, mix_ratio,
-               use_dora, use_rslora, modules_to_save, optim, ewc_lambda]
+               use_dora, use_rslora, modules_to_save, optim, ewc_lambda, use_adalora, patience]
     inputs = [data_inputs["data_path"], data_inputs["format"], data_inputs["mapping"], *widgets]
     estimate = gr.Markdown(label=t("estimate"))
     with gr.Row():
@@ -94,7 +99,7 @@ def create_train_tab(data_inputs: dict, submit):
     queue_btn = gr.Button(t("queue"), variant="primary")
     message = gr.Markdown()
     tuned_by_preset = [epochs, lr, batch, r, alpha, dropout, targets, accum, mix_ratio, use_dora, use_rslora,
-                       modules_to_save, optim, ewc_lambda]
+                       modules_to_save, optim, ewc_lambda, use_adalora, patience]
     for w in (method, preset):
         w.change(preset_defaults, [model, method, preset], tuned_by_preset, api_visibility="private")
     for w in widgets + [data_inputs["data_path"]]:
