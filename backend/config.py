@@ -228,6 +228,9 @@ class RunSpec:
             problems.append("use_adalora goes with lora or qlora, without use_dora")
         if lo.use_adalora and lo.target_r > lo.init_r:
             problems.append(f"target_r ({lo.target_r}) must not exceed init_r ({lo.init_r})")
+        if lo.target_parameters and (lo.lora_dropout or lo.use_dora):
+            problems.append("target_parameters (LoRA on parameters, e.g. MoE experts) needs lora_dropout 0 "
+                            "and no use_dora")
         if t.ewc_lambda and not d.mix_data:
             problems.append("ewc_lambda needs mix_data: the general data whose knowledge EWC protects")
         if not (lo.target_modules == "all-linear" or isinstance(lo.target_modules, list)):

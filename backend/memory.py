@@ -416,8 +416,10 @@ def estimate_for_spec(spec, model_config=None, device: str | None = None,
     if model_config is None:
         from transformers import AutoConfig
 
-        model_config = AutoConfig.from_pretrained(models.resolve_model(spec.model.model),
-                                                  **models.hub_kwargs(spec.model.trust_remote_code))
+        from .presets import model_config as shipped_config
+
+        model_config = shipped_config(spec.model.model) or AutoConfig.from_pretrained(
+            models.resolve_model(spec.model.model), **models.hub_kwargs(spec.model.trust_remote_code))
     t, lo = spec.train, spec.lora
     return estimate(model_config, spec.model.method,
                     seq_tokens=t.per_device_train_batch_size * min(row_tokens or spec.data.max_length,

@@ -2,6 +2,11 @@
 
 A preset is named ``<model>-<method>`` (``smollm2-135m-lora``). With no preset named, a run on
 the embedded model takes the embedded preset for its method, so the default run learns.
+
+Each preset opens with a comment (what it is for, the hardware, the estimated peak memory;
+``preset_header``). A preset for a hub model ships that model's ``config.json`` (no weights) in
+``presets/configs/<org>--<name>.json``, so its memory estimate and a meta-device build need no
+network: ``model_config(preset_or_model_id)``.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from .config import ConfigError, RunSpec
 from .models import EMBEDDED_ALIASES
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
+CONFIG_DIR = PRESET_DIR / "configs"
 EMBEDDED_PRESET = "smollm2-135m-{method}"
 
 
@@ -26,6 +32,37 @@ def load_preset(name: str) -> dict:
     if not path.exists():
         raise ConfigError(f"no preset {name!r} (available: {', '.join(list_presets()) or 'none'})")
     return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+
+
+def preset_header(name: str) -> str:
+    """The preset's opening comment without the ``#`` marks: what it is for, hardware, memory."""
+    load_preset(name)  # the same error for an unknown name
+    lines = []
+    for line in (PRESET_DIR / f"{name}.yaml").read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line[1:].removeprefix(" "))
+    return "\n".join(lines)
+
+
+def model_config_path(name: str | None) -> Path | None:
+    """The shipped ``config.json`` of a preset's model, or of a hub id (``ORG/NAME``); None if none ships."""
+    if name and name in list_presets():
+        name = load_preset(name).get("model")
+    if not isinstance(name, str) or name.count("/") != 1:
+        return None
+    path = CONFIG_DIR / f"{name.replace('/', '--')}.json"
+    return path if path.exists() else None
+
+
+def model_config(name: str | None):
+    """The transformers config of a preset's model (or a hub id) from the shipped file, offline; None if none ships."""
+    path = model_config_path(name)
+    if path is None:
+        return None
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(path))
 
 
 def build_spec(overrides: dict, preset: str | None = None) -> RunSpec:

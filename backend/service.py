@@ -149,9 +149,11 @@ def estimate_markdown(spec: RunSpec, row_tokens: int | None = None) -> str:
     ``row_tokens``: a typical long row of the dataset (its p95 length); without it every row is
     taken as ``max_length`` tokens long (an upper bound)."""
     from . import memory
+    from .presets import model_config as shipped_config
 
-    try:
-        config = models.load_config(models.resolve_model(spec.model.model), spec.model.trust_remote_code)
+    try:  # a preset's model ships its config.json: no network needed
+        config = shipped_config(spec.model.model) or models.load_config(
+            models.resolve_model(spec.model.model), spec.model.trust_remote_code)
     except models.ModelError as exc:
         return f"estimate unavailable: {exc}"
     device = models.device()

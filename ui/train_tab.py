@@ -4,7 +4,7 @@ import gradio as gr
 
 from backend import service
 from backend.config import ConfigError
-from backend.presets import list_presets
+from backend.presets import list_presets, load_preset, preset_header
 
 from .i18n import t
 
@@ -58,11 +58,20 @@ def preset_defaults(model, method, preset):
             t.early_stopping_patience)
 
 
+def preset_model_method(model, method, preset):
+    """A preset names its model and method: show them, and what the preset is for."""
+    if not preset:
+        return model, method, ""
+    values = load_preset(preset)
+    return values.get("model") or "", values.get("method", method), f"```\n{preset_header(preset)}\n```"
+
+
 def create_train_tab(data_inputs: dict, submit):
     with gr.Row():
         model = gr.Textbox("", label=t("model"))
         method = gr.Radio(METHODS, value="lora", label=t("method"))
         preset = gr.Dropdown([""] + list_presets(), value="", label=t("preset"))
+    preset_note = gr.Markdown()
     with gr.Row():
         epochs = gr.Number(3, minimum=0.1, label=t("epochs"))
         lr = gr.Number(1e-3, minimum=0, step=1e-5, label=t("lr"))
@@ -100,6 +109,7 @@ def create_train_tab(data_inputs: dict, submit):
     message = gr.Markdown()
     tuned_by_preset = [epochs, lr, batch, r, alpha, dropout, targets, accum, mix_ratio, use_dora, use_rslora,
                        modules_to_save, optim, ewc_lambda, use_adalora, patience]
+    preset.change(preset_model_method, [model, method, preset], [model, method, preset_note], api_visibility="private")
     for w in (method, preset):
         w.change(preset_defaults, [model, method, preset], tuned_by_preset, api_visibility="private")
     for w in widgets + [data_inputs["data_path"]]:
