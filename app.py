@@ -10,7 +10,9 @@ trains each job in its own process, so closing the page or restarting the app lo
 
 Environment: ``PORT`` / ``GRADIO_SERVER_PORT`` (7860), ``GRADIO_SERVER_NAME`` (bind address,
 127.0.0.1), ``STUDIO_AUTH=user:password`` (optional login; that user is the admin),
-``STUDIO_MAX_FILE_SIZE`` (uploads, default 200mb).
+``STUDIO_MAX_FILE_SIZE`` (uploads, default 200mb). On a Hugging Face Space (``SPACE_ID`` set) the
+env-var login is off: "Sign in with Hugging Face" (``hf_oauth``) decides who may queue runs, and the
+Space's owner is the admin.
 """
 
 from __future__ import annotations
@@ -29,21 +31,30 @@ from ui.playground_tab import create_playground_tab
 from ui.runs_tab import create_runs_tab
 from ui.train_tab import create_train_tab, form_values
 
+ON_SPACES = bool(os.environ.get("SPACE_ID"))  # set by Hugging Face Spaces
+
 
 def build_ui(queue: Queue | None = None) -> gr.Blocks:
     queue = queue or Queue()
 
-    def submit(data_path, fmt, mapping, *values, request: gr.Request = None):
+    # gr.Request first: Gradio does not fill a keyword-only parameter after *values, and without it
+    # every run would be queued without its owner
+    def submit(request: gr.Request, data_path, fmt, mapping, *values):
         *values, row_tokens = values
+        owner = service.user_of(request)
+        if ON_SPACES and not owner:
+            return "**Error:** sign in with Hugging Face (top of the page) to queue runs."
         try:
             v, preset = form_values(data_path, fmt, mapping, *values)
-            run_id = service.submit(queue, v, preset, owner=service.user_of(request), row_tokens=row_tokens)
+            run_id = service.submit(queue, v, preset, owner=owner, row_tokens=row_tokens)
         except (ConfigError, data.DataError, ValueError) as exc:
             return f"**Error:** {exc}"
         return f"Queued **{run_id}**: follow it in the Runs tab."
 
     with gr.Blocks(title="Fine-tuning studio") as demo:
         gr.Markdown("# Fine-tuning studio")
+        if ON_SPACES:
+            gr.LoginButton()
         with gr.Tab(t("data")):
             data_inputs = create_data_tab()
         with gr.Tab(t("train")):
@@ -78,7 +89,7 @@ def launch(demo: gr.Blocks, **overrides):
     options = dict(
         server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
         server_port=int(os.environ.get("PORT") or os.environ.get("GRADIO_SERVER_PORT") or 7860),
-        auth=tuple(auth.split(":", 1)) if auth else None,
+        auth=tuple(auth.split(":", 1)) if auth and not ON_SPACES else None,
         max_file_size=os.environ.get("STUDIO_MAX_FILE_SIZE", "200mb"),
         i18n=i18n,
     )

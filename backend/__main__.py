@@ -89,7 +89,9 @@ def cmd_train(a) -> int:
         if not a.data or not a.out:
             raise UsageError("train needs --data and --out (or --config RUN_DIR/config.yaml)")
         overrides = parse_set(a.set)
-        overrides.update(data=a.data, method=a.method or overrides.get("method", "lora"))
+        overrides["data"] = a.data
+        if a.method:  # otherwise the preset's method (or --set method=..., or lora)
+            overrides["method"] = a.method
         if a.model:
             overrides["model"] = a.model
         spec = build_spec(overrides, a.preset)
@@ -157,6 +159,24 @@ def cmd_setup(a) -> int:
     return 0
 
 
+def cmd_bench(a) -> int:
+    from . import bench
+    from .config import parse_set
+
+    if a.one:
+        return bench.run_job(a.one)
+    try:
+        result = bench.run_bench(methods=a.methods, data=a.data, model=a.model, steps=a.steps, batch=a.batch,
+                                 device=a.device, gpu_configs=True if a.gpu_configs else None, configs=a.configs,
+                                 seq_len=a.seq_len, overrides=parse_set(a.set), identity=a.identity,
+                                 json_path=a.json, timeout=a.timeout)
+    except bench.BenchError as exc:
+        raise UsageError(str(exc)) from exc
+    if a.json:
+        print(f"wrote {a.json}")
+    return 1 if any(r["error"] for r in result["rows"]) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m backend", description="Fine-tuning studio, headless.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -216,6 +236,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--public", action="store_true", help="with --push: create the repository public")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("bench", help="speed and memory per method: ours against a plain transformers+peft loop",
+                       description="Trains each method for a few steps with our trainer and with a plain "
+                                   "reference loop on the same data; prints a markdown table row by row "
+                                   "(see backend/bench.py for the definitions).")
+    s.add_argument("--json", metavar="FILE", help="write every number here (rewritten after each row)")
+    s.add_argument("--methods", default="qlora,lora,full", help="comma list of qlora, lora, full")
+    s.add_argument("--data", help="default: ../shared/data/identity_nova.json")
+    s.add_argument("--model", help="default: the embedded SmolLM2-135M-Instruct")
+    s.add_argument("--steps", type=int, default=6, help="optimizer steps per variant; the first is not timed")
+    s.add_argument("--batch", type=int, help="rows per step (default: the run's, e.g. the preset's)")
+    s.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    s.add_argument("--gpu-configs", action="store_true",
+                   help="random-weight 1B and 8B Llama configs on synthetic data (default on CUDA without --data)")
+    s.add_argument("--configs", help="with --gpu-configs: comma list of llama-1b, llama-8b, tiny")
+    s.add_argument("--seq-len", type=int, default=2048, help="with --gpu-configs: longest synthetic row")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="RunSpec keys for every run, as in train")
+    s.add_argument("--identity", action="store_true",
+                   help="train whole runs (the spec's epochs) and time each to a model that answers the identity")
+    s.add_argument("--timeout", type=float, default=1800, help="seconds per variant")
+    s.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant from a job file
+    s.set_defaults(func=cmd_bench)
     return p
 
 

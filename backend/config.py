@@ -83,6 +83,11 @@ class TrainArgs:
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward: less memory, ~30% slower.")
     ewc_lambda: float = _f(0.0, "Full fine-tuning: strength of the EWC penalty pulling the weights general data "
                                 "relies on (Fisher diagonal on mix_data) back to the base.")
+    num_processes: int = _f(1, "Processes to train with, one per GPU (data parallel through `accelerate launch`; the "
+                               "queue waits for that many free GPUs). Without a GPU: that many CPU processes (gloo). "
+                               "per_device_train_batch_size is per process.")
+    accelerate_config: str = _f("ddp", "How several processes share the work: ddp, fsdp, deepspeed-zero2, "
+                                       "deepspeed-zero3 (presets/accelerate/) or a path to an accelerate config YAML.")
     early_stopping_patience: int = _f(0, "Stop when eval loss has not improved for this many evaluations and keep "
                                          "the best checkpoint as the result (0: off).")
     ewc_samples: int = _f(64, "Rows of general data used to estimate the Fisher diagonal for EWC.")
@@ -204,6 +209,7 @@ class RunSpec:
             (t.ewc_lambda, (int, float), lambda v: v >= 0, "ewc_lambda must be >= 0"),
             (t.ewc_samples, int, lambda v: v > 0, "ewc_samples must be positive"),
             (t.early_stopping_patience, int, lambda v: v >= 0, "early_stopping_patience must be >= 0"),
+            (t.num_processes, int, lambda v: v >= 1, "num_processes must be >= 1"),
             (lo.init_r, int, lambda v: v > 0, "init_r must be a positive integer"),
             (lo.target_r, int, lambda v: v > 0, "target_r must be a positive integer"),
             (lo.deltaT, int, lambda v: v > 0, "deltaT must be a positive integer"),

@@ -4,8 +4,11 @@ Two sources of truth, each for what it knows best:
 
 * the **run folder** (``backend.runs``, DESIGN.md contract 2) says how a run is going: the trainer
   writes ``status.json`` and ``metrics.jsonl`` there, and the UI polls them;
-* the **database** (``STUDIO_HOME/jobs.sqlite3``, table ``jobs``) says what waits, in which order
-  (``id``), which process runs what (``pid``, ``device``), and who owns it.
+* the **database** (``jobs.sqlite3`` in ``paths.local_home()``, table ``jobs``) says what waits, in
+  which order (``id``), which process runs what (``pid``, ``device``), and who owns it. SQLite must
+  not run over a network mount, so the database stays on local disk; when the studio home is a
+  mounted volume (``/data`` on a Space) every change is copied there with SQLite's backup API
+  (``jobs-backup.sqlite3``), and a start without the local database restores it from that copy.
 
 Life of a job::
 
@@ -17,7 +20,10 @@ Life of a job::
 * ``Queue.submit`` writes ``config.yaml`` and ``status.json`` (``queued``) and inserts the row.
 * ``Worker`` (a thread) takes queued jobs in ``id`` order, one per device, and runs each as
   ``python -m backend train --config RUN/config.yaml [--resume]`` in its own process group, output
-  appended to ``RUN/train.log``. A job is claimed inside one write transaction that succeeds only
+  appended to ``RUN/train.log``. A run asking for ``num_processes`` > 1 waits until that many GPUs
+  are free and runs under ``accelerate launch`` with a config from ``presets/accelerate/`` (DDP,
+  FSDP, DeepSpeed ZeRO-2/3; ``launch_command``); on a machine without a GPU, as that many gloo
+  processes on the CPU. A job is claimed inside one write transaction that succeeds only
   while its row is still ``queued`` and that stores the pid before committing, so a job never runs
   twice and a committed ``running`` row always names its process.
 * When the process ends, the final state is the one ``status.json`` gives (the trainer writes
@@ -50,6 +56,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -61,13 +68,15 @@ from pathlib import Path
 from typing import Callable
 
 from .config import RunSpec
-from .paths import studio_home
+from .paths import local_home, studio_home
 from .runs import RunFolder
 
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository: the training subprocess's cwd
 RESUMABLE = ("failed", "cancelled", "interrupted")
+ACCELERATE_CONFIGS = ROOT / "presets" / "accelerate"  # <name>.yaml: ddp, fsdp, deepspeed-zero2, deepspeed-zero3
+_BACKUP_LOCK = threading.Lock()  # one snapshot at a time, so an older one never replaces a newer one
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -135,13 +144,50 @@ class Job:
 class Queue:
     """The job table plus the run folders it points to. Thread-safe: one connection per call."""
 
-    def __init__(self, db_path: str | Path | None = None, runs_root: str | Path | None = None):
-        self.db_path = Path(db_path) if db_path else studio_home() / "jobs.sqlite3"
+    def __init__(self, db_path: str | Path | None = None, runs_root: str | Path | None = None,
+                 backup_path: str | Path | None = None):
+        """``backup_path``: where each change is copied (default: the studio home's
+        ``jobs-backup.sqlite3`` when the database is kept elsewhere, on local disk)."""
+        self.db_path = Path(db_path) if db_path else local_home() / "jobs.sqlite3"
         self.runs_root = Path(runs_root) if runs_root else studio_home() / "runs"
+        if backup_path is None and db_path is None and local_home() != studio_home():
+            backup_path = studio_home() / "jobs-backup.sqlite3"
+        self.backup_path = Path(backup_path) if backup_path else None
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        self._restore()
         with closing(self._connect()) as conn:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(SCHEMA)
+        if self.backup_path and not self.backup_path.exists():
+            self._backup()
+
+    # -- backup on the mounted home
+    def _restore(self) -> None:
+        """No local database (a new container, a lost disk) but a backup: start from the backup."""
+        if self.db_path.exists() or not (self.backup_path and self.backup_path.exists()):
+            return
+        for leftover in ("-wal", "-shm"):  # they belong to the lost database
+            Path(f"{self.db_path}{leftover}").unlink(missing_ok=True)
+        with closing(sqlite3.connect(self.backup_path)) as src, closing(sqlite3.connect(self.db_path)) as dst:
+            src.backup(dst)
+        log.warning("restored the job queue %s from its backup %s", self.db_path, self.backup_path)
+
+    def _backup(self) -> None:
+        """Copy the database to ``backup_path`` (SQLite's online backup: a consistent snapshot),
+        through a temporary file so the backup is always whole. A failure is logged, never raised:
+        the queue goes on without its copy."""
+        if self.backup_path is None:
+            return
+        tmp = self.backup_path.with_name(f".{self.backup_path.name}.{os.getpid()}.tmp")
+        try:
+            with _BACKUP_LOCK:
+                self.backup_path.parent.mkdir(parents=True, exist_ok=True)
+                with closing(self._connect()) as src, closing(sqlite3.connect(tmp)) as dst:
+                    src.backup(dst)
+                os.replace(tmp, self.backup_path)
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("could not back up the job queue to %s: %s", self.backup_path, exc)
+            tmp.unlink(missing_ok=True)
 
     # -- database plumbing
     def _connect(self) -> sqlite3.Connection:
@@ -151,7 +197,8 @@ class Queue:
 
     @contextmanager
     def _transaction(self):
-        """A write transaction taken up front, so check-then-update cannot interleave."""
+        """A write transaction taken up front, so check-then-update cannot interleave; backed up
+        after the commit if it changed anything."""
         with closing(self._connect()) as conn:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -160,6 +207,9 @@ class Queue:
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
+            changed = conn.total_changes > 0
+        if changed:
+            self._backup()
 
     def _transition(self, run_id: str, from_states: tuple, then: Callable[[], object] | None = None,
                     **values) -> bool:
@@ -213,7 +263,7 @@ class Queue:
             run.write_config(spec)
             run.set_status("queued", run_id=run_id, name=name, owner=owner, created_at=now,
                            method=spec.model.method)
-            with closing(self._connect()) as conn:
+            with self._transaction() as conn:
                 conn.execute("INSERT INTO jobs (run_id, run_dir, owner, state, auto_resume, created_at) "
                              "VALUES (?, ?, ?, 'queued', ?, ?)",
                              (run_id, str(run.path.resolve()), owner or "", int(auto_resume), now))
@@ -252,7 +302,7 @@ class Queue:
     def delete(self, run_id: str, user: str | None = None, admin: bool = False) -> None:
         """Remove the job and its run folder; a running job must be cancelled first."""
         job = self._owned(run_id, user, admin)
-        with closing(self._connect()) as conn:
+        with self._transaction() as conn:
             deleted = conn.execute("DELETE FROM jobs WHERE run_id = ? AND state != 'running'",
                                    (run_id,)).rowcount
         if not deleted:
@@ -283,14 +333,28 @@ class Queue:
         return settled
 
     # -- what the worker does
-    def claim(self, device: str, launch: Callable[[Job], subprocess.Popen]) -> tuple[Job, subprocess.Popen] | None:
-        """Start the first queued job on ``device``: in one write transaction, mark it running
-        (only if still queued) and ``launch`` it, storing its pid before the commit."""
+    def claim(self, device: str | Callable[[Job], str | None],
+              launch: Callable[[Job], subprocess.Popen]) -> tuple[Job, subprocess.Popen] | None:
+        """Start the first queued job: in one write transaction, mark it running (only if still
+        queued) and ``launch`` it, storing its pid before the commit. ``device``: where it runs, or
+        ``(job) -> device`` choosing for the job (None: not enough free now, it keeps its place;
+        an error fails the job with that message)."""
         with self._transaction() as conn:
             row = conn.execute("SELECT * FROM jobs WHERE state = 'queued' ORDER BY id LIMIT 1").fetchone()
             if row is None:
                 return None
             now = time.time()
+            if callable(device):
+                try:
+                    device = device(Job.from_row(row))
+                except Exception as exc:  # e.g. more GPUs than this machine has
+                    error = f"cannot start: {exc}"
+                    conn.execute("UPDATE jobs SET state = 'failed', ended_at = ?, error = ? WHERE id = ?",
+                                 (now, error, row["id"]))
+                    RunFolder(row["run_dir"]).set_status("failed", ended_at=now, error=error)
+                    return None
+                if device is None:
+                    return None
             claimed = conn.execute(
                 "UPDATE jobs SET state = 'running', device = ?, started_at = ?, ended_at = NULL, error = NULL, "
                 "attempts = attempts + 1 WHERE id = ? AND state = 'queued'", (device, now, row["id"])).rowcount
@@ -368,10 +432,41 @@ class Queue:
 
 
 # -- the worker ---------------------------------------------------------------------------------
+def launch_settings(spec: RunSpec) -> tuple[int, str]:
+    """(processes, accelerate config) a run asks for: ``num_processes`` GPUs (1: no launcher) and
+    ``accelerate_config``, a name in ``presets/accelerate/`` or a path (default ``ddp``)."""
+    t = spec.train
+    return int(getattr(t, "num_processes", 1) or 1), getattr(t, "accelerate_config", None) or "ddp"
+
+
+def accelerate_config_path(name: str) -> Path:
+    """``ddp`` -> ``presets/accelerate/ddp.yaml``; a path to a YAML file is taken as it is."""
+    shipped = ACCELERATE_CONFIGS / f"{name}.yaml"
+    path = shipped if shipped.exists() else Path(name).expanduser()
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in ACCELERATE_CONFIGS.glob("*.yaml")))
+        raise JobError(f"accelerate_config {name!r} is neither one of {names} nor a YAML file")
+    return path
+
+
+def launch_command(config: str | Path, resume: bool = False, num_processes: int = 1,
+                   accelerate_config: str = "ddp") -> list[str]:
+    """The CLI's ``train --config`` (DESIGN.md contract 1), the same path a person would run; with
+    several processes the same command under ``accelerate launch``. Without a GPU accelerate's
+    ``--cpu`` would start one process only, so the DDP config (``--multi_gpu``) is used there too:
+    the trainer runs on the CPU (``use_cpu``) and the processes talk over gloo."""
+    train = ["-m", "backend", "train", "--config", str(config)] + (["--resume"] if resume else [])
+    if num_processes <= 1:
+        return [sys.executable, *train]
+    return [sys.executable, "-m", "accelerate.commands.launch",
+            "--config_file", str(accelerate_config_path(accelerate_config)),
+            "--num_processes", str(num_processes), "--main_process_port", str(_free_port()), *train]
+
+
 def train_command(job: Job) -> list[str]:
-    """The CLI's ``train --config`` (DESIGN.md contract 1), the same path a person would run."""
-    argv = [sys.executable, "-m", "backend", "train", "--config", str(Path(job.run_dir) / "config.yaml")]
-    return argv + (["--resume"] if job.resume else [])
+    """How the worker starts a job: ``launch_command`` with what the run asks for."""
+    processes, config = launch_settings(job.run.spec())
+    return launch_command(Path(job.run_dir) / "config.yaml", job.resume, processes, config)
 
 
 def detect_devices() -> list[str]:
@@ -441,17 +536,29 @@ class Worker:
                 del self._running[device]
                 self.queue.finish(run_id, returncode=code)
         self.queue.recover(skip={run_id for run_id, _ in self._running.values()})
-        busy = {job.device for job in self.queue.list() if job.state == "running"}
-        for device in self.devices:
-            if device in busy:
-                continue
-            claimed = self.queue.claim(device, lambda job: self._launch(job, device))
+        while True:  # in queue order: a job waiting for GPUs keeps the ones behind it waiting too
+            claimed = self.queue.claim(self._devices_for, self._launch)
             if claimed is None:
-                break
+                return
             job, proc = claimed
-            self._running[device] = (job.run_id, proc)
+            self._running[job.device] = (job.run_id, proc)
 
-    def _launch(self, job: Job, device: str) -> subprocess.Popen:
+    def _devices_for(self, job: Job) -> str | None:
+        """The free devices for ``job`` ("0" or "0,1": its CUDA_VISIBLE_DEVICES; or "cpu"), None
+        while not enough are free."""
+        busy = {d for j in self.queue.list() if j.state == "running" for d in (j.device or "").split(",")}
+        free = [d for d in self.devices if d not in busy]
+        processes, config = launch_settings(job.run.spec())
+        if self.devices == ["cpu"]:  # no GPU: all processes share the CPU
+            if processes > 1 and "ddp" not in Path(config).stem:
+                raise JobError(f"accelerate_config {config!r} needs CUDA GPUs; on the CPU use ddp")
+            return "cpu" if free else None
+        if processes > len(self.devices):
+            raise JobError(f"the run asks for {processes} GPUs (num_processes) and this machine has {len(self.devices)}")
+        return ",".join(free[:processes]) if len(free) >= processes else None
+
+    def _launch(self, job: Job) -> subprocess.Popen:
+        device = job.device
         if device != "cpu" and self.on_launch:
             self.on_launch()
         argv = self.command(job)
@@ -471,6 +578,13 @@ class Worker:
 def _run_id(name: str) -> str:
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "run"
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}-{secrets.token_hex(2)}"
+
+
+def _free_port() -> int:
+    """A free TCP port for the processes of one run to meet on (two runs must not share one)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _start_time(pid: int) -> int | None:

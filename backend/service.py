@@ -170,11 +170,41 @@ def estimate_markdown(spec: RunSpec, row_tokens: int | None = None) -> str:
 
 
 def user_of(request) -> str:
-    return getattr(request, "username", None) or ""
+    """Who asks: the env-var login's user, or on a Space the Hugging Face account signed in through
+    OAuth (the session Gradio keeps for ``hf_oauth``); "" for nobody."""
+    if getattr(request, "username", None):
+        return request.username
+    underlying = getattr(request, "request", None) or request  # a gr.Request wraps the HTTP request
+    scope = getattr(underlying, "scope", None)
+    session = scope.get("session") if isinstance(scope, dict) else getattr(underlying, "session", None)
+    info = (session or {}).get("oauth_info") or {}
+    if info.get("expires_at") and info["expires_at"] < time.time():
+        return ""
+    return (info.get("userinfo") or {}).get("preferred_username") or ""
 
 
 def is_admin(request) -> bool:
-    """The env-var login's user (self-hosted) is the admin; with no login everyone is."""
+    """Self-hosted: the env-var login's user is the admin, and with no login everyone is. On a Space:
+    the Space's owner, signed in."""
     user = user_of(request)
+    if os.environ.get("SPACE_ID"):
+        return bool(user) and user == os.environ.get("SPACE_AUTHOR_NAME")
     admin = (os.environ.get("STUDIO_AUTH") or "").partition(":")[0]
     return not user or user == admin
+
+
+def hardware_summary() -> str:
+    """One line for the Train tab: the GPUs here, or that there is none and what is worth running then."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count:
+        names = ", ".join(torch.cuda.get_device_name(i) for i in range(count))
+        more = " (a run may use several: `num_processes`)" if count > 1 else ""
+        return f"**Hardware:** {count} GPU{'s' if count > 1 else ''}: {names}{more}."
+    from .memory import device_free_memory
+
+    ram = device_free_memory("cpu")[1] / 2**30
+    return (f"**CPU only** ({os.cpu_count()} cores, {ram:.0f} GB RAM), no GPU: training computes in fp32 and is "
+            "slow. What works here: LoRA on the embedded model (or another small one), a short max_length, "
+            "few epochs. 7B models, QLoRA's 4-bit savings and full fine-tuning of large models need a GPU.")

@@ -309,6 +309,8 @@ class StudioTrainer(Trainer):
             loss, self.loss_is_scaled_for_ga = loss / (targets != template.IGNORE_INDEX).sum(), False
         else:  # normalised over the whole accumulated batch, as the model's own loss would be
             loss, self.loss_is_scaled_for_ga = loss / num_items_in_batch, True
+            if self.args.average_tokens_across_devices:  # that count covers every process; DDP then averages
+                loss = loss * self.accelerator.num_processes  # the gradients (as Trainer.compute_loss does)
         if self.adalora and model.training:
             loss = loss + _adalora_orthogonality(self.model)  # what AdaLoraModel adds when given labels
         if self.ewc is not None and model.training:  # once per update, however many micro-batches
@@ -358,12 +360,16 @@ class RunCallback(TrainerCallback):
         self.run = run
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:  # several processes (accelerate launch): rank 0 writes the folder
+            return
         self.t0, self.step0, self.tokens0 = time.time(), state.global_step, state.num_input_tokens_seen
         self.last = (self.t0, state.num_input_tokens_seen)
         self.elapsed_before = self.run.status().get("elapsed_s", 0.0) if state.global_step else 0.0
-        self.run.set_status(step=state.global_step, total_steps=state.max_steps)
+        self.run.set_status(step=state.global_step, total_steps=state.max_steps, world_size=args.world_size)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero:
+            return
         logs = dict(logs or {})
         now = time.time()
         elapsed = self.elapsed_before + now - self.t0
@@ -392,6 +398,8 @@ class RunCallback(TrainerCallback):
         print(_progress_line(record, state.max_steps), flush=True)
 
     def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if folder.exists():
             (folder / COMPLETE_MARK).write_text(str(time.time()))

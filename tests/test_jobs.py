@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -289,3 +290,94 @@ def test_recover_settles_running_jobs_whose_process_is_gone(db, tiny):
     assert state(queue, alive) == "running"
     with sqlite3.connect(db[0][0]) as conn:  # leave nothing for the fixture to kill (it is us)
         conn.execute("UPDATE jobs SET state='interrupted' WHERE run_id=?", (alive.run_id,))
+
+
+# -- deployment: the database on local disk, backed up to the mounted home; several GPUs per job ----
+def test_the_queue_survives_losing_its_local_database(db, tiny, fake, tmp_path):
+    backup = tmp_path / "mount" / "jobs-backup.sqlite3"
+    first = Queue(*db[0], backup_path=backup)
+    running, waiting = first.submit(tiny()), first.submit(tiny())
+    with closing(sqlite3.connect(backup)) as conn:  # each change is copied at once
+        assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 2
+
+    w1 = start_worker(db, first, command=fake("sleep", 2))
+    wait_for(lambda: state(first, running) == "running", what="the first job to start")
+    w1.stop()  # the app goes away and the container's disk with it
+    pid = first.get(running.run_id).pid
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db[0][0]}{suffix}").unlink(missing_ok=True)
+
+    second = Queue(*db[0], backup_path=backup)  # a new start: restored from the backup
+    assert state(second, waiting) == "queued" and second.get(running.run_id).pid == pid
+    start_worker(db, second, command=fake("sleep", 0))
+    wait_for(lambda: all(j.state == "completed" for j in second.list()), what="both jobs to complete")
+    assert [j.attempts for j in second.list()] == [1, 1]  # the running job was watched, not started again
+
+
+def test_the_studio_home_goes_on_the_mount_and_the_database_stays_local(tmp_path, monkeypatch):
+    from backend import paths
+
+    mount, home = tmp_path / "data", tmp_path / "home"
+    mount.mkdir()
+    monkeypatch.setattr(paths, "MOUNT", mount)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("STUDIO_HOME", raising=False)
+    monkeypatch.delenv("STUDIO_LOCAL_HOME", raising=False)
+    assert paths.studio_home() == mount / "finetune-studio"
+    assert paths.local_home() == home / ".cache" / "finetune-studio"
+    queue = Queue()
+    assert queue.db_path == home / ".cache" / "finetune-studio" / "jobs.sqlite3"
+    assert queue.backup_path == mount / "finetune-studio" / "jobs-backup.sqlite3" and queue.backup_path.exists()
+    assert queue.runs_root == mount / "finetune-studio" / "runs"
+
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "mine"))  # set by hand: used as it is, no backup
+    assert paths.studio_home() == paths.local_home() == tmp_path / "mine"
+    assert Queue().backup_path is None
+    monkeypatch.delenv("STUDIO_HOME")
+    monkeypatch.setattr(paths, "MOUNT", tmp_path / "absent")  # no /data: the home's usual place
+    assert paths.studio_home() == paths.local_home() == home / ".cache" / "finetune-studio"
+
+
+def test_a_job_gets_the_gpus_it_asks_for(db, tiny, fake, monkeypatch):
+    from backend import jobs
+
+    queue = Queue(*db[0])
+    # each run asks for `seed` GPUs (the config key num_processes is read through launch_settings)
+    monkeypatch.setattr(jobs, "launch_settings", lambda spec: (spec.train.seed, "ddp"))
+    one, two, three, four = (queue.submit(tiny(seed=n)) for n in (1, 2, 3, 4))
+    start_worker(db, queue, devices=[0, 1, 2], command=fake("sleep", 1))
+    wait_for(lambda: state(queue, three) == "completed", what="the 3-GPU job")
+    one, two, three, four = (queue.get(j.run_id) for j in (one, two, three, four))
+    assert (one.device, two.device, three.device) == ("0", "1,2", "0,1,2")
+    assert two.started_at < one.ended_at  # 1 + 2 GPUs at once
+    assert three.started_at >= max(one.ended_at, two.ended_at)  # waited for all three
+    assert four.state == "failed" and "asks for 4 GPUs" in four.error and "has 3" in four.error
+    seen = dict(line.split() for line in (Path(db[0][1]) / "ran.txt").read_text().splitlines())
+    assert seen == {j.run_id: j.device for j in (one, two, three)}  # CUDA_VISIBLE_DEVICES
+
+
+def test_launch_command_runs_the_cli_alone_or_under_accelerate(tmp_path):
+    from backend.jobs import launch_command
+
+    config = tmp_path / "config.yaml"
+    assert launch_command(config) == [sys.executable, "-m", "backend", "train", "--config", str(config)]
+    argv = launch_command(config, resume=True, num_processes=4, accelerate_config="fsdp")
+    assert argv[1:3] == ["-m", "accelerate.commands.launch"]
+    assert Path(argv[argv.index("--config_file") + 1]).name == "fsdp.yaml"
+    assert argv[argv.index("--num_processes") + 1] == "4" and "--main_process_port" in argv
+    assert argv[-6:] == ["-m", "backend", "train", "--config", str(config), "--resume"]
+    with pytest.raises(JobError, match="ddp, deepspeed-zero2, deepspeed-zero3, fsdp"):
+        launch_command(config, num_processes=2, accelerate_config="zero9")
+
+
+def test_the_shipped_accelerate_configs_load_in_accelerate():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from backend.jobs import ACCELERATE_CONFIGS
+
+    kinds = {p.stem: load_config_from_file(str(p)) for p in ACCELERATE_CONFIGS.glob("*.yaml")}
+    assert {k: c.distributed_type.value for k, c in kinds.items()} == {
+        "ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed-zero2": "DEEPSPEED", "deepspeed-zero3": "DEEPSPEED"}
+    assert kinds["deepspeed-zero2"].deepspeed_config["zero_stage"] == 2
+    assert kinds["deepspeed-zero3"].deepspeed_config["zero_stage"] == 3
+    assert all(c.num_machines == 1 and not c.use_cpu for c in kinds.values())

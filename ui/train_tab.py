@@ -67,6 +67,7 @@ def preset_model_method(model, method, preset):
 
 
 def create_train_tab(data_inputs: dict, submit):
+    gr.Markdown(service.hardware_summary())
     with gr.Row():
         model = gr.Textbox("", label=t("model"))
         method = gr.Radio(METHODS, value="lora", label=t("method"))

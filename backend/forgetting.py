@@ -1,0 +1,207 @@
+"""The forgetting meter: does the tuned model still answer what the base model knew?
+
+``general_questions.json`` ships general questions with short known answers (capitals, simple
+arithmetic, simple facts), each ``{"question", "answers": [accepted substrings]}``; every one of
+them is answered right by the embedded SmolLM2-135M-Instruct, greedily, under the default system
+prompt (a slow test keeps the file honest). An answer is right when it contains an accepted
+answer, case-insensitively; an accepted answer that starts or ends with a letter or digit must
+stand as a whole word there, so "4" is not found in "14" nor "German" in "Germany".
+
+    result = meter(playground.load_run(run_dir), run_dir)   # also writes RUN_DIR/forgetting.json
+    summary(result)                                          # "kept 31 of 33"
+
+``n`` counts the questions the BASE model gets right (with the run's system prompt, chat template
+and weight precision), ``kept`` those of them the tuned model still gets right, ``changed`` lists
+the lost ones with both answers. Both sides answer greedily with ``MAX_NEW_TOKENS`` new tokens.
+Base answers are computed once per (model, its weight files, questions, system prompt, chat
+template, precision) and cached in ``STUDIO_HOME/forgetting/base_answers.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import threading
+import time
+from pathlib import Path
+
+from . import models, playground, template
+from .config import RunSpec
+from .paths import studio_home
+
+QUESTIONS = Path(__file__).with_name("general_questions.json")
+MAX_NEW_TOKENS = 32
+REPORT = "forgetting.json"
+
+
+# -- questions and scoring ----------------------------------------------------------------------
+def load_questions(questions=None) -> list[dict]:
+    """The questions: a list of ``{"question", "answers"}``, a JSON file of them, or the shipped set."""
+    if questions is None or isinstance(questions, (str, Path)):
+        path = Path(questions or QUESTIONS)
+        questions = json.loads(path.read_text(encoding="utf-8"))
+    out = []
+    for i, q in enumerate(questions, 1):
+        if not (isinstance(q, dict) and str(q.get("question", "")).strip() and q.get("answers")
+                and all(isinstance(a, str) and a.strip() for a in q["answers"])):
+            raise ValueError(f"question {i}: expected {{\"question\": text, \"answers\": [text, ...]}}, got {q!r}")
+        out.append({"question": q["question"].strip(), "answers": [a.strip() for a in q["answers"]]})
+    return out
+
+
+def _pattern(accepted: str) -> str:
+    def word_edge(ch: str) -> bool:
+        return ch.isascii() and ch.isalnum()
+
+    return ("(?<![a-z0-9])" if word_edge(accepted[0]) else "") + re.escape(accepted.lower()) + \
+        ("(?![a-z0-9])" if word_edge(accepted[-1]) else "")
+
+
+def is_correct(answer: str, accepted: list[str]) -> bool:
+    """``answer`` contains one of ``accepted`` (case-insensitive; whole words at letter/digit edges)."""
+    text = " ".join((answer or "").lower().split())
+    return any(a and re.search(_pattern(" ".join(a.split())), text) for a in accepted)
+
+
+# -- base answers, cached -----------------------------------------------------------------------
+def _precision_tag(method: str) -> str:
+    """How the base weights are loaded for ``method`` on this machine (answers differ by dtype)."""
+    if method == "qlora":
+        return "nf4"
+    prec = models.precision_for(method)
+    return f"{prec.device}-{str(prec.weight_dtype).removeprefix('torch.')}"
+
+
+def _model_stamp(model_path: str) -> list:
+    """A local folder's weight files (name, size, mtime): retrained weights in the same folder miss the cache."""
+    folder = Path(model_path)
+    if not folder.is_dir():
+        return []  # a hub id
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
+def cache_key(model_path: str, questions: list[dict], system_prompt: str | None,
+              chat_template: str | None = None, precision: str = "") -> str:
+    what = {"model": str(model_path), "weights": _model_stamp(model_path), "questions": questions,
+            "system_prompt": system_prompt, "chat_template": chat_template, "precision": precision}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def cache_path() -> Path:
+    return studio_home() / "forgetting" / "base_answers.json"
+
+
+def _read_cache() -> dict:
+    try:
+        return json.loads(cache_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache_entry(key: str, entry: dict) -> None:
+    path = cache_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cache = _read_cache()  # re-read: another process may have added its own entry meanwhile
+    cache[key] = entry
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(json.dumps(cache, ensure_ascii=False, indent=1), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _answers(loaded: playground.LoadedRun, side: str, questions: list[dict], system_prompt: str | None,
+             batch_size: int = 16) -> list[str]:
+    """Greedy answers of one side of ``loaded`` to every question, ``batch_size`` per ``generate``."""
+    out: list[str] = []
+    for start in range(0, len(questions), batch_size):
+        rows = [(side, [{"role": "user", "content": q["question"]}]) for q in questions[start:start + batch_size]]
+        texts = list(playground.stream_rows(loaded, rows, system_prompt=system_prompt,
+                                            max_new_tokens=MAX_NEW_TOKENS, temperature=0.0))[-1]
+        out += texts
+    return out
+
+
+def _standalone(model_path: str, system_prompt: str | None, chat_template: str | None, method: str,
+                trust_remote_code: bool) -> playground.LoadedRun:
+    """The base model alone, wrapped so ``playground.stream_rows`` can answer with it."""
+    tokenizer = template.setup_chat_template(models.load_tokenizer(model_path, trust_remote_code), chat_template)
+    model, _ = models.load_base(model_path, method, trust_remote_code)
+    spec = RunSpec()
+    spec = dataclasses.replace(spec, data=dataclasses.replace(spec.data, system_prompt=system_prompt))
+    return playground.LoadedRun(spec, tokenizer, model.eval(), None, threading.Lock())
+
+
+def base_answers(model_path: str, questions=None, system_prompt: str | None = RunSpec().data.system_prompt,
+                 chat_template: str | None = None, method: str = "lora", trust_remote_code: bool = False,
+                 loaded: playground.LoadedRun | None = None, batch_size: int = 16) -> list[str]:
+    """The base model's greedy answers to ``questions`` (default: the shipped set), one per question.
+
+    Computed once and cached (see the module docstring). On a cache miss the answers come from
+    ``loaded``'s base side when given (the run's model is already in memory), else the base model is
+    loaded for ``method`` (which fixes its precision) and freed afterwards.
+    """
+    questions = load_questions(questions)
+    key = cache_key(model_path, questions, system_prompt, chat_template, _precision_tag(method))
+    hit = _read_cache().get(key)
+    if hit and len(hit.get("answers", [])) == len(questions):
+        return hit["answers"]
+    run = loaded or _standalone(model_path, system_prompt, chat_template, method, trust_remote_code)
+    answers = _answers(run, "base", questions, system_prompt, batch_size)
+    _write_cache_entry(key, {"model": str(model_path), "system_prompt": system_prompt, "precision": _precision_tag(method),
+                             "time": time.time(), "questions": [q["question"] for q in questions], "answers": answers})
+    return answers
+
+
+# -- the meter ----------------------------------------------------------------------------------
+def score(questions: list[dict], base: list[str], tuned: list[str]) -> dict:
+    """``{"kept", "n", "total", "changed"}`` from both sides' answers (see the module docstring)."""
+    kept, n, changed = 0, 0, []
+    for q, b, t in zip(questions, base, tuned, strict=True):
+        if not is_correct(b, q["answers"]):
+            continue
+        n += 1
+        if is_correct(t, q["answers"]):
+            kept += 1
+        else:
+            changed.append({"question": q["question"], "base": b, "tuned": t})
+    return {"kept": kept, "n": n, "total": len(questions), "changed": changed}
+
+
+def meter(loaded: playground.LoadedRun, run_dir=None, questions=None, batch_size: int = 16) -> dict:
+    """How many of the general questions the base model gets right the tuned model still gets right.
+
+    Uses the run's system prompt, chat template and precision; with ``run_dir`` the result is also
+    written to ``RUN_DIR/forgetting.json``.
+    """
+    questions = load_questions(questions)
+    spec = loaded.spec
+    system = spec.data.system_prompt
+    base = base_answers(models.resolve_model(spec.model.model), questions, system, spec.model.chat_template,
+                        spec.model.method, spec.model.trust_remote_code, loaded=loaded, batch_size=batch_size)
+    tuned = _answers(loaded, "tuned", questions, system, batch_size)
+    result = score(questions, base, tuned)
+    result["checkpoint"] = loaded.checkpoint
+    if run_dir is not None:
+        path = Path(run_dir) / REPORT
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**result, "time": time.time()}, ensure_ascii=False, indent=1), encoding="utf-8")
+        tmp.replace(path)
+    return result
+
+
+def read(run_dir) -> dict | None:
+    """The run's last meter result (``RUN_DIR/forgetting.json``), or None."""
+    try:
+        return json.loads((Path(run_dir) / REPORT).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def summary(result: dict | None) -> str:
+    """One line for the Runs view and the CLI: ``kept 31 of 33 general answers``."""
+    if not result:
+        return "forgetting not measured"
+    return f"kept {result['kept']} of {result['n']} general answers"
