@@ -57,7 +57,8 @@ def test_upload_queue_and_watch_a_run_in_the_browser(tmp_path):
             expect(page.get_by_text("Queued")).to_be_visible(timeout=30_000)
 
             page.get_by_role("tab", name="Runs").click()
-            expect(page.get_by_text("completed").first).to_be_visible(timeout=300_000)
+            # the run's detail line ("**completed** · step ..."); the table may hold hidden copies of cells
+            expect(page.locator("strong", has_text="completed").first).to_be_visible(timeout=300_000)
             page.wait_for_timeout(3000)
             page.screenshot(path=str(SHOTS / "runs.png"), full_page=True)
             lines = page.locator(".vega-embed:visible .mark-line path")  # train and eval loss curves
