@@ -152,6 +152,51 @@ def cmd_export(a) -> int:
     return 0
 
 
+def cmd_forgetting(a) -> int:
+    from . import forgetting
+    from .playground import load_run
+
+    result = forgetting.meter(load_run(a.run, a.checkpoint), a.run, questions=a.questions)
+    if a.json:
+        print(json.dumps(result, ensure_ascii=False))
+        return 0
+    print(forgetting.summary(result))
+    for c in result["changed"]:
+        print(f"- {c['question']}\n    base:  {c['base']!r}\n    tuned: {c['tuned']!r}")
+    return 0
+
+
+def cmd_augment(a) -> int:
+    from . import augment
+    from . import data as data_mod
+
+    if a.k < 1:
+        raise UsageError(f"--k must be at least 1, got {a.k}")
+    if a.out is None:
+        items = augment.preview_file(a.data, a.k, a.seed, a.limit, a.model, a.format, _mapping(a.map) or None,
+                                     a.val_size)
+        if a.json:
+            print(json.dumps(items, ensure_ascii=False))
+        for item in [] if a.json else items:
+            print(f"[{item['index']}] {item['original']}")
+            for text in item["kept"]:
+                print(f"    + {text}")
+            for d in item["dropped"]:
+                print(f"    - {d['text']!r}  ({d['reason']})")
+        return 0
+    train = data_mod.prepare(a.data, fmt=a.format, mapping=_mapping(a.map) or None, val_size=0).train
+    paraphraser, tokenizer = augment.load_paraphraser(a.model)
+    rows = augment.paraphrase_prompts(paraphraser, tokenizer, train, a.k, a.seed,
+                                      progress=lambda d, n: print(f"{d}/{n} prompts", file=sys.stderr, flush=True))
+    with open(a.out, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in train)
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    stats = {**augment.stats(rows, train), "out": a.out}
+    print(json.dumps(stats) if a.json else f"{a.out}: {stats['originals']} rows + {stats['augmented']} paraphrases "
+          f"(for {stats['rows_with_paraphrases']} prompts)")
+    return 0
+
+
 def cmd_setup(a) -> int:
     from .models import embedded_model_dir
 
@@ -236,6 +281,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--public", action="store_true", help="with --push: create the repository public")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("forgetting", help="kept k of n: general questions the base answers right, asked of the tuned model",
+                       description="Greedy answers of base and tuned to the shipped general questions (or --questions: "
+                                   "a JSON list of {question, answers}); writes RUN/forgetting.json.")
+    s.add_argument("--run", required=True)
+    s.add_argument("--checkpoint", help="a checkpoint folder name (default: the result)")
+    s.add_argument("--questions", help="a JSON file of {\"question\", \"answers\": [...]} (default: the shipped set)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_forgetting)
+
+    s = sub.add_parser("augment", help="paraphrase each prompt K times with an instruct model (preview, or --out FILE)",
+                       description="Without --out: a preview of the first --limit prompts of the training split "
+                                   "(as a run with augment_k=K and the same seed makes them), kept and dropped with "
+                                   "reasons. With --out: every row plus its paraphrases as JSONL (augmented_from marks "
+                                   "the new rows). Training with --set augment_k=K does this inside the run.")
+    s.add_argument("--data", required=True)
+    s.add_argument("--k", type=int, default=3)
+    s.add_argument("--seed", type=int, default=42)
+    s.add_argument("--limit", type=int, default=8)
+    s.add_argument("--model", help="the paraphrasing instruct model (default: the embedded one)")
+    s.add_argument("--format", default="auto")
+    s.add_argument("--map", action="append", metavar="FIELD=COLUMN")
+    s.add_argument("--val-size", type=float, default=0.1, help="the run's val_size (the preview shows its training split)")
+    s.add_argument("--out", help="write the augmented data set here (JSONL)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_augment)
 
     s = sub.add_parser("bench", help="speed and memory per method: ours against a plain transformers+peft loop",
                        description="Trains each method for a few steps with our trainer and with a plain "

@@ -252,3 +252,14 @@ def load_paraphraser(model: str | None = None, trust_remote_code: bool = False):
     tokenizer = template.setup_chat_template(models.load_tokenizer(path, trust_remote_code))
     loaded, _ = models.load_base(path, "lora", trust_remote_code)
     return loaded.eval(), tokenizer
+
+
+def preview_file(data: str, k: int = 3, seed: int = 42, limit: int = 8, model: str | None = None, fmt: str = "auto",
+                 mapping: dict | None = None, val_size: float = 0.1, trust_remote_code: bool = False) -> list[dict]:
+    """``preview`` on a data file's training split (the run's split for the same ``val_size`` and
+    ``seed``): what a run with ``augment_k=k`` would add for its first ``limit`` prompts."""
+    from . import data as data_mod
+
+    train = data_mod.prepare(data, fmt=fmt, mapping=mapping, val_size=val_size, seed=seed).train
+    paraphraser, tokenizer = load_paraphraser(model, trust_remote_code)
+    return preview(paraphraser, tokenizer, train, k, seed, limit)

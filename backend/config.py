@@ -43,6 +43,9 @@ class DataArgs:
     val_size: float = _f(0.1, "Validation share (< 1) or row count (>= 1).")
     mix_data: str | None = _f(None, "General data mixed into training against forgetting (same formats as data).")
     mix_ratio: float = _f(0.0, "Mixed rows per training row (0.5 = half as many general rows as task rows).")
+    augment_k: int = _f(0, "Augmentation: paraphrase each training prompt this many times with an instruct model, "
+                           "keeping the answer (0: off). Paraphrases that are empty, identical or too (dis)similar are dropped.")
+    augment_model: str | None = _f(None, "The instruct model that paraphrases (None: the run's base model).")
 
 
 @dataclass
@@ -91,6 +94,8 @@ class TrainArgs:
     early_stopping_patience: int = _f(0, "Stop when eval loss has not improved for this many evaluations and keep "
                                          "the best checkpoint as the result (0: off).")
     ewc_samples: int = _f(64, "Rows of general data used to estimate the Fisher diagonal for EWC.")
+    measure_forgetting: bool = _f(True, "After training, ask the shipped general questions (greedy) and report how "
+                                        "many answers the base got right the tuned model keeps (forgetting.json).")
     seed: int = _f(42, "Seed for data order, dropout and initialisation.")
     logging_steps: int = _f(1, "Log metrics every N steps.")
     eval_steps: int = _f(0, "Evaluate every N steps (0: once per epoch).")

@@ -500,20 +500,31 @@ def _histogram(lengths: list[int], bins: int = 20) -> list[dict]:
 
 
 def save_split(prepared: Prepared, folder) -> Path:
-    """Write ``train.jsonl`` and ``val.jsonl`` (one ``{"messages": [...]}`` per line) to ``folder``."""
+    """Write ``train.jsonl`` and ``val.jsonl`` (one ``{"messages": [...]}`` per line) to ``folder``.
+
+    A row may be a conversation or a dict with ``messages`` and markers (an augmented row's
+    ``augmented_from``), which are kept."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for part, rows in (("train", prepared.train), ("val", prepared.val)):
         with open(folder / f"{part}.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in rows)
+            f.writelines(json.dumps(m if isinstance(m, dict) else {"messages": m}, ensure_ascii=False) + "\n"
+                         for m in rows)
     return folder
 
 
-def load_split(folder) -> tuple[list, list]:
-    """Read back what ``save_split`` wrote: ``(train, val)`` lists of conversations."""
+def load_split(folder, rows: bool = False) -> tuple[list, list]:
+    """Read back what ``save_split`` wrote: ``(train, val)`` lists of conversations (with ``rows``:
+    the dicts as written, markers included)."""
     out = []
     for part in ("train", "val"):
         path = Path(folder) / f"{part}.jsonl"
         text = path.read_text(encoding="utf-8") if path.exists() else ""
-        out.append([json.loads(line)["messages"] for line in text.splitlines() if line.strip()])
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        out.append(records if rows else [r["messages"] for r in records])
     return out[0], out[1]
+
+
+def conversations_of(rows: list) -> list:
+    """The conversations of rows that may be dicts with ``messages`` (augmented rows)."""
+    return [r["messages"] if isinstance(r, dict) else r for r in rows]

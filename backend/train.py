@@ -5,8 +5,9 @@ Flow (each step is a function below, in this order):
 1. ``_start``: write ``config.yaml`` and ``status.json`` (state ``running``); on resume, find the
    newest *complete* checkpoint and drop metric lines past it.
 2. ``_setup_data``: read and normalise the data (``backend.data``), split train/val with the run's
-   seed, mix in general data (``mix_data``/``mix_ratio``) against forgetting, and save the split
-   actually used to ``data/`` (a resumed run reads it back from there). Each conversation is
+   seed, add ``augment_k`` paraphrases of each training prompt (``backend.augment``; marked
+   ``augmented_from``), mix in general data (``mix_data``/``mix_ratio``) against forgetting, and
+   save the split actually used to ``data/`` (a resumed run reads it back from there). Each conversation is
    rendered with the run's chat template and system prompt and tokenized with labels on the
    assistant turns only (``backend.template.encode``).
 3. ``_setup_model``: load the base for the method (``backend.models.load_base``: 4-bit NF4 for
@@ -25,12 +26,15 @@ Flow (each step is a function below, in this order):
 5. ``trainer.train(resume_from_checkpoint=...)``, then save the result: ``adapter/`` (peft,
    safetensors) or ``model/`` plus the tokenizer, and mark the run ``completed``. A failure marks
    it ``failed`` with the error; SIGTERM/Ctrl-C mark it ``cancelled``.
+6. ``_measure_forgetting`` (``measure_forgetting``): the shipped general questions asked greedily
+   of base and result, "kept k of n" in ``forgetting.json`` and the status.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import resource
 import shutil
@@ -74,6 +78,7 @@ def train(spec: RunSpec, run_dir: str | Path, resume: bool = False) -> RunFolder
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         _record_best(run, trainer)
         _save_result(run, spec, trainer, tokenizer)
+        del trainer, model  # free the memory before the forgetting meter loads the result
     except KeyboardInterrupt:
         run.set_status("cancelled", ended_at=time.time(), error="cancelled by the user")
         raise
@@ -81,7 +86,13 @@ def train(spec: RunSpec, run_dir: str | Path, resume: bool = False) -> RunFolder
         run.set_status("failed", ended_at=time.time(), error=f"{type(exc).__name__}: {exc}")
         raise
     run.set_status("completed", ended_at=time.time(), result=run.result_dir().name)
+    if spec.train.measure_forgetting and _is_main_process():
+        _measure_forgetting(run)
     return run
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0  # set by `accelerate launch` for each process
 
 
 # -- 1. start -----------------------------------------------------------------------------------
@@ -126,6 +137,11 @@ def _setup_data(run: RunFolder, spec: RunSpec, tokenizer, reuse: bool):
         prepared = data_mod.prepare(d.data, fmt=d.format, mapping=d.mapping or None, tokenizer=tokenizer,
                                     max_length=d.max_length, system_prompt=d.system_prompt,
                                     val_size=d.val_size, seed=spec.train.seed)
+        if d.augment_k > 0:
+            added = _augment(spec, prepared.train)
+            prepared.train = prepared.train + added
+            prepared.summary["notes"].append(f"augmentation: {len(added)} paraphrased rows added to "
+                                             f"{len(prepared.train) - len(added)} training rows (marked augmented_from)")
         if d.mix_data and d.mix_ratio > 0:
             general = _general_rows(spec, len(prepared.train))
             prepared.train = prepared.train + general
@@ -140,6 +156,31 @@ def _setup_data(run: RunFolder, spec: RunSpec, tokenizer, reuse: bool):
     return train_ds, val_ds, summary
 
 
+def _augment(spec: RunSpec, rows: list) -> list[dict]:
+    """``augment_k`` paraphrases of each training prompt by an instruct model (``backend.augment``),
+    the answers kept; the paraphraser is freed before the model to train is loaded."""
+    import gc
+
+    from . import augment
+
+    d = spec.data
+    t0 = time.time()
+    paraphraser, tokenizer = augment.load_paraphraser(d.augment_model or spec.model.model, spec.model.trust_remote_code)
+    try:
+        added = augment.paraphrase_prompts(
+            paraphraser, tokenizer, rows, k=d.augment_k, seed=spec.train.seed,
+            progress=lambda done, total: print(f"augment: {done}/{total} prompts paraphrased", flush=True))
+    finally:
+        del paraphraser
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    s = augment.stats(added, rows)
+    print(f"augment: kept {s['augmented']} paraphrases for {s['rows_with_paraphrases']} of {s['originals']} "
+          f"prompts ({d.augment_k} asked each) in {time.time() - t0:.0f}s", flush=True)
+    return added
+
+
 def _general_rows(spec: RunSpec, n_task: int) -> list:
     """``mix_ratio * n_task`` rows of general data, sampled with the run's seed."""
     general = data_mod.prepare(spec.data.mix_data, val_size=0, seed=spec.train.seed).train
@@ -150,7 +191,7 @@ def _general_rows(spec: RunSpec, n_task: int) -> list:
 def _tokenize(tokenizer, conversations, d):
     from datasets import Dataset
 
-    encoded = data_mod.encode_all(tokenizer, conversations, d.system_prompt, d.max_length)
+    encoded = data_mod.encode_all(tokenizer, data_mod.conversations_of(conversations), d.system_prompt, d.max_length)
     return Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in encoded])
 
 
@@ -427,6 +468,27 @@ def _record_best(run: RunFolder, trainer) -> None:
           f"result: the best checkpoint (step {best_step}, eval_loss {state.best_metric:.4f})", flush=True)
 
 def _save_result(run: RunFolder, spec: RunSpec, trainer, tokenizer) -> None:
+    """``adapter/`` or ``model/`` with the tokenizer; ``save_model`` gathers FSDP/ZeRO-3 shards and
+    writes on the main process only."""
     target = run.model_dir if spec.model.method == "full" else run.adapter_dir
-    trainer.model.save_pretrained(target)
-    tokenizer.save_pretrained(target)
+    trainer.save_model(str(target))
+    if trainer.args.should_save:
+        (target / "training_args.bin").unlink(missing_ok=True)  # already in config.yaml
+        tokenizer.save_pretrained(target)
+
+
+def _measure_forgetting(run: RunFolder) -> None:
+    """The forgetting meter on the result (``backend.forgetting``): kept k of n general answers.
+    A failure leaves a notice; the run stays completed."""
+    from . import forgetting, playground
+
+    t0 = time.time()
+    try:
+        loaded = playground.load_run(run.path)
+        result = forgetting.meter(loaded, run.path)
+    except Exception as exc:  # noqa: BLE001 - the trained result is fine either way
+        log.warning("forgetting meter failed: %s", exc)
+        run.add_notices([f"forgetting meter failed: {type(exc).__name__}: {exc}"])
+        return
+    run.set_status(forgetting_kept=result["kept"], forgetting_n=result["n"])
+    print(f"forgetting: {forgetting.summary(result)} ({time.time() - t0:.0f}s)", flush=True)

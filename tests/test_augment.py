@@ -158,3 +158,34 @@ def test_embedded_model_paraphrases_identity_questions():
         print(f"{prompt!r}: samples {raw[prompt]} -> kept {kept}")
     assert rows, "no paraphrase of 5 identity questions survived the filter"
     assert all(r["messages"][-1] == convs[r["augmented_from"]][-1] for r in rows)
+
+
+def test_a_run_with_augment_k_trains_on_marked_paraphrases(tmp_path, tiny_model_dir, tiny_data, monkeypatch):
+    from test_train import tiny_spec
+
+    from backend import train as train_mod
+    from backend.runs import RunFolder
+
+    asked = []
+
+    def fake_sampler(model, tokenizer, k=3, seed=0, *a, **kw):  # the paraphraser, scripted
+        asked.append((model, k, seed))
+        return lambda prompts: [[f"Please, {p}", p] for p in prompts]
+
+    monkeypatch.setattr(augment, "load_paraphraser", lambda model=None, trust=False: ("the paraphraser", None))
+    monkeypatch.setattr(augment, "sampler", fake_sampler)
+    spec = tiny_spec(tiny_model_dir, tiny_data, augment_k=2, max_steps=2)
+    run = train_mod.train(spec, tmp_path / "run")
+    assert asked == [("the paraphraser", 2, spec.train.seed)]
+    train, val = data.load_split(run.data_dir, rows=True)
+    originals = [r for r in train if "augmented_from" not in r]
+    added = [r for r in train if "augmented_from" in r]
+    assert len(originals) == 22 and len(added) == 22 and not any("augmented_from" in r for r in val)
+    for r in added:  # each original's prompt paraphrased (the identical sample dropped), its answer kept
+        source = originals[r["augmented_from"]]["messages"]
+        assert r["messages"][-2]["content"] == f"Please, {source[-2]['content']}"
+        assert r["messages"][-1] == source[-1]
+    status = RunFolder(run.path).status()
+    assert status["state"] == "completed" and status["train_rows"] == 44
+    assert any(n.startswith("augmentation: 22 paraphrased rows") for n in status["notices"])
+    assert data.load_split(run.data_dir)[0][22] == added[0]["messages"]  # plain reading: conversations

@@ -69,3 +69,29 @@ def test_bad_data_fails_before_any_training(tmp_path):
     assert_user_error(proc, "bad.jsonl", "line 2")
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["state"] == "failed" and "line 2" in status["error"]
+
+
+def test_forgetting_and_augment_commands(tmp_path, tiny_model_dir, tiny_data, monkeypatch):
+    from test_train import tiny_spec
+
+    from backend.train import train
+
+    run = train(tiny_spec(tiny_model_dir, tiny_data, max_steps=1), tmp_path / "run").path
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "home"))
+    proc = cli("forgetting", "--run", run, "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["total"] == 40 and result["kept"] <= result["n"]
+    assert (run / "forgetting.json").exists()
+    proc = cli("augment", "--data", tiny_data, "--model", tiny_model_dir, "--k", 2, "--limit", 2, "--json")
+    assert proc.returncode == 0, proc.stderr
+    shown = json.loads(proc.stdout)
+    assert len(shown) == 2 and all(len(s["kept"]) + len(s["dropped"]) == 2 for s in shown)
+    out = tmp_path / "augmented.jsonl"
+    proc = cli("augment", "--data", tiny_data, "--model", tiny_model_dir, "--k", 1, "--out", out, "--json")
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 24 + stats["augmented"] and stats["originals"] == 24
+    assert_user_error(cli("augment", "--data", tiny_data, "--k", 0), "--k")
+    assert_user_error(cli("forgetting", "--run", tmp_path / "nothing"), "not a run folder")

@@ -120,3 +120,24 @@ def test_every_shipped_question_is_answered_right_by_the_embedded_model(monkeypa
     answers = forgetting.base_answers(model_path)
     wrong = [(q["question"], a) for q, a in zip(questions, answers) if not forgetting.is_correct(a, q["answers"])]
     assert not wrong, f"{len(wrong)} shipped questions answered wrong by the base model: {wrong}"
+
+
+def test_a_run_measures_forgetting_after_training_and_survives_a_failing_meter(tmp_path, tiny_model_dir, tiny_data,
+                                                                                home, monkeypatch):
+    from backend.runs import RunFolder
+
+    spec = tiny_spec(tiny_model_dir, tiny_data, max_steps=2, measure_forgetting=True)
+    run = train_mod.train(spec, tmp_path / "measured")
+    record, status = forgetting.read(run.path), RunFolder(run.path).status()
+    assert record["total"] == len(forgetting.load_questions()) and record["checkpoint"] is None
+    assert (status["forgetting_kept"], status["forgetting_n"]) == (record["kept"], record["n"])
+
+    def broken(*a, **k):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(forgetting, "meter", broken)
+    run = train_mod.train(spec, tmp_path / "failed-meter")
+    status = RunFolder(run.path).status()
+    assert status["state"] == "completed" and (run.path / "adapter").is_dir()
+    assert "forgetting meter failed: RuntimeError: out of memory" in status["notices"]
+    assert forgetting.read(run.path) is None
