@@ -215,6 +215,7 @@ class RunSpec:
             (t.ewc_samples, int, lambda v: v > 0, "ewc_samples must be positive"),
             (t.early_stopping_patience, int, lambda v: v >= 0, "early_stopping_patience must be >= 0"),
             (t.num_processes, int, lambda v: v >= 1, "num_processes must be >= 1"),
+            (d.augment_k, int, lambda v: 0 <= v <= 20, "augment_k must be an integer from 0 to 20"),
             (lo.init_r, int, lambda v: v > 0, "init_r must be a positive integer"),
             (lo.target_r, int, lambda v: v > 0, "target_r must be a positive integer"),
             (lo.deltaT, int, lambda v: v > 0, "deltaT must be a positive integer"),
@@ -242,6 +243,9 @@ class RunSpec:
         if lo.target_parameters and (lo.lora_dropout or lo.use_dora):
             problems.append("target_parameters (LoRA on parameters, e.g. MoE experts) needs lora_dropout 0 "
                             "and no use_dora")
+        if d.augment_k and t.num_processes > 1:  # each process would sample its own paraphrases
+            problems.append("augment_k with num_processes > 1: augment first (python -m backend augment --out FILE) "
+                            "and train on that file")
         if t.ewc_lambda and not d.mix_data:
             problems.append("ewc_lambda needs mix_data: the general data whose knowledge EWC protects")
         if not (lo.target_modules == "all-linear" or isinstance(lo.target_modules, list)):

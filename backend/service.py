@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from . import data, export, models, template
+from . import data, export, forgetting, models, template
 from .config import SECTIONS, RunSpec
 from .paths import studio_home
 from .presets import build_spec
@@ -107,6 +107,7 @@ def run_view(run_dir: str | Path, log_lines: int = 20) -> dict:
         "loss": [{"step": m["step"], "loss": m["loss"], "kind": "train"} for m in metrics if "loss" in m]
         + [{"step": m["step"], "loss": m["eval_loss"], "kind": "eval"} for m in metrics if "eval_loss" in m],
         "log": log, "result": run.result_dir().name if run.result_dir() else None,
+        "forgetting": forgetting.read(run_dir),
     }
 
 

@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 def train(spec: RunSpec, run_dir: str | Path, resume: bool = False) -> RunFolder:
     """Train ``spec`` into ``run_dir``; returns the finished run folder."""
-    run = RunFolder(run_dir)
+    run = RunFolder(run_dir) if _is_main_process() else _Replica(run_dir)
     checkpoint = _start(run, spec, resume)
     _handle_sigterm()
     try:
@@ -95,6 +95,23 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0  # set by `accelerate launch` for each process
 
 
+class _Replica(RunFolder):
+    """The run folder as a process other than the main one sees it (``accelerate launch``): it reads
+    checkpoints and the saved split; only the main process writes config, status and data."""
+
+    def write_config(self, spec) -> None:
+        pass
+
+    def truncate_metrics(self, after_step: int) -> None:
+        pass
+
+    def set_status(self, state=None, **fields) -> dict:
+        return self.status()
+
+    def add_notices(self, notices) -> dict:
+        return self.status()
+
+
 # -- 1. start -----------------------------------------------------------------------------------
 def _start(run: RunFolder, spec: RunSpec, resume: bool) -> Path | None:
     checkpoint = run.latest_checkpoint() if resume else None
@@ -104,7 +121,7 @@ def _start(run: RunFolder, spec: RunSpec, resume: bool) -> Path | None:
         step = int(checkpoint.name.rsplit("-", 1)[1])
         run.truncate_metrics(after_step=step)
         print(f"resuming from {checkpoint.name}", flush=True)
-    else:  # a fresh start: nothing of an earlier attempt may be resumed or plotted
+    elif not isinstance(run, _Replica):  # a fresh start: nothing of an earlier attempt may be resumed or plotted
         run.metrics_path.unlink(missing_ok=True)
         shutil.rmtree(run.checkpoints_dir, ignore_errors=True)
     run.write_config(spec)
@@ -149,7 +166,8 @@ def _setup_data(run: RunFolder, spec: RunSpec, tokenizer, reuse: bool):
                   f"{len(prepared.train) - len(general)} training rows", flush=True)
         elif d.mix_ratio > 0:
             print("notice: mix_ratio is set but mix_data is not: no general data mixed in", flush=True)
-        data_mod.save_split(prepared, run.data_dir)
+        if not isinstance(run, _Replica):
+            data_mod.save_split(prepared, run.data_dir)
         train_rows, val_rows, summary = prepared.train, prepared.val, prepared.summary
     train_ds = _tokenize(tokenizer, train_rows, d)
     val_ds = _tokenize(tokenizer, val_rows, d) if val_rows else None

@@ -44,6 +44,8 @@ VARIANTS = {  # name -> (description, overrides on the embedded preset)
     "full-ewc": ("full, EWC", {"method": "full", "mix_ratio": 0, "ewc_lambda": "auto"}),
     "lora-mix": ("LoRA, general data mixed in (0.5)", {"method": "lora", "mix_ratio": 0.5}),
     "lora-mix-aug": ("LoRA, mixed in + augmentation (k=3)", {"method": "lora", "mix_ratio": 0.5, "augment_k": 3}),
+    "lora-adalora": ("AdaLoRA (smollm2-135m-adalora-lora), mixed in",
+                     {"method": "lora", "mix_ratio": 0.5, "preset": "smollm2-135m-adalora-lora"}),
 }
 
 
@@ -109,7 +111,8 @@ def run_variant(name: str, out: Path, seen: Path, held: Path, ewc_lambda: float 
                  "measure_forgetting": False}  # measured below, with the rest
     if overrides.get("ewc_lambda") == "auto":
         overrides["ewc_lambda"] = ewc_lambda or auto_ewc_lambda(out, seen)
-    spec = build_spec(overrides)
+    preset = overrides.pop("preset", None)
+    spec = build_spec(overrides, preset)
     t0 = time.time()
     run = train(spec, out / name)
     minutes = (time.time() - t0) / 60

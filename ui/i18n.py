@@ -4,6 +4,9 @@ import gradio as gr
 
 LABELS = {
     "title": ("Fine-tuning studio", "微调工作室"),
+    "augment_preview": ("Preview paraphrases (first 8 prompts)", "预览改写（前 8 条提示）"),
+    "forgetting": ("Forgetting: general questions the base answers right", "遗忘检测：基座答对的通用问题"),
+    "measure_forgetting": ("Measure forgetting", "检测遗忘"),
     "data": ("Data", "数据"),
     "train": ("Train", "训练"),
     "runs": ("Runs", "任务"),

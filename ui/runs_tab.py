@@ -29,6 +29,10 @@ def detail_markdown(view: dict) -> str:
     if view.get("best_step"):
         parts.append(("stopped early; " if view.get("stopped_early") else "") + f"result: best step {view['best_step']}")
     text = " · ".join(parts)
+    if view.get("forgetting"):
+        f = view["forgetting"]
+        lost = ", ".join(c["question"] for c in f["changed"][:5]) + (" ..." if len(f["changed"]) > 5 else "")
+        text += f"\n\nForgetting: kept {f['kept']} of {f['n']} general answers" + (f" (lost: {lost})" if lost else "")
     for notice in view["notices"]:
         text += f"\n\n> {notice}"
     if view["error"]:

@@ -16,7 +16,9 @@ METHODS = [
 FIELDS = ["model", "method", "preset", "num_train_epochs", "learning_rate", "per_device_train_batch_size",
           "r", "lora_alpha", "lora_dropout", "target_modules", "gradient_accumulation_steps",
           "gradient_checkpointing", "max_length", "system_prompt", "mix_data", "mix_ratio",
-          "use_dora", "use_rslora", "modules_to_save", "optim", "ewc_lambda", "use_adalora", "early_stopping_patience"]
+          "use_dora", "use_rslora", "modules_to_save", "optim", "ewc_lambda", "use_adalora", "early_stopping_patience",
+          "augment_k"]
+PREVIEW_COLUMNS = ["row", "original prompt", "kept paraphrases", "dropped (reason)"]
 OPTIMIZERS = ["adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_bnb_8bit", "adafactor", "sgd"]
 
 
@@ -56,6 +58,23 @@ def preset_defaults(model, method, preset):
             lo.lora_dropout, targets, t.gradient_accumulation_steps, spec.data.mix_ratio, lo.use_dora,
             lo.use_rslora, ",".join(lo.modules_to_save or []), t.optim, t.ewc_lambda, lo.use_adalora,
             t.early_stopping_patience)
+
+
+def augment_preview(data_path, fmt, mapping, model, k, progress=gr.Progress()):
+    """The paraphrases a run with ``augment_k=k`` would add for the first 8 training prompts."""
+    from backend import augment
+
+    if not data_path:
+        raise gr.Error("check a dataset on the Data tab first")
+    k = int(k or 0) or 3
+    progress(0, desc=f"paraphrasing 8 prompts x {k} with the base model...")
+    try:
+        items = augment.preview_file(data_path, k=k, model=(model or "").strip() or None, fmt=fmt,
+                                     mapping=service.parse_mapping(mapping) or None)
+    except (ValueError, OSError) as exc:
+        raise gr.Error(str(exc))
+    return [[i["index"], i["original"], "\n".join(i["kept"]) or "–",
+             "\n".join(f"{d['text']!r} ({d['reason']})" for d in i["dropped"]) or "–"] for i in items]
 
 
 def preset_model_method(model, method, preset):
@@ -98,9 +117,14 @@ def create_train_tab(data_inputs: dict, submit):
             use_adalora = gr.Checkbox(False, label="use_adalora (AdaLoRA: ranks reallocated while training)")
             patience = gr.Number(0, precision=0, minimum=0,
                                  label="early_stopping_patience (evaluations without improvement; 0: off)")
+        with gr.Row():
+            augment_k = gr.Slider(0, 5, value=0, step=1, label="augment_k (paraphrases per training prompt, by the "
+                                                                "base model; 0: off)")
+            preview_btn = gr.Button(t("augment_preview"))
+        preview_table = gr.Dataframe(headers=PREVIEW_COLUMNS, interactive=False, wrap=True, visible=True)
     widgets = [model, method, preset, epochs, lr, batch, r, alpha, dropout, targets, accum, checkpointing,
                data_inputs["max_length"], data_inputs["system_prompt"], mix_data, mix_ratio,
-               use_dora, use_rslora, modules_to_save, optim, ewc_lambda, use_adalora, patience]
+               use_dora, use_rslora, modules_to_save, optim, ewc_lambda, use_adalora, patience, augment_k]
     inputs = [data_inputs["data_path"], data_inputs["format"], data_inputs["mapping"], *widgets]
     estimate = gr.Markdown(label=t("estimate"))
     with gr.Row():
@@ -116,5 +140,7 @@ def create_train_tab(data_inputs: dict, submit):
     for w in widgets + [data_inputs["data_path"]]:
         w.change(review, inputs + [data_inputs["row_tokens"]], [config, command, estimate],
                  api_visibility="private")
+    preview_btn.click(augment_preview, [data_inputs["data_path"], data_inputs["format"], data_inputs["mapping"],
+                                        model, augment_k], [preview_table], api_name="augment_preview")
     queue_btn.click(submit, inputs + [data_inputs["row_tokens"]], [message], api_name="submit")
     return message
