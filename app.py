@@ -10,7 +10,9 @@ trains each job in its own process, so closing the page or restarting the app lo
 
 Environment: ``PORT`` / ``GRADIO_SERVER_PORT`` (7860), ``GRADIO_SERVER_NAME`` (bind address,
 127.0.0.1), ``STUDIO_AUTH=user:password`` (optional login; that user is the admin),
-``STUDIO_MAX_FILE_SIZE`` (uploads, default 200mb). On a Hugging Face Space (``SPACE_ID`` set) the
+``STUDIO_MAX_FILE_SIZE`` (uploads, default 200mb), ``STUDIO_QUEUE_MAX`` (requests that may wait in Gradio's
+queue, default 32: beyond that a request is refused at once with "queue full" instead of waiting
+without end; each endpoint runs one request at a time). On a Hugging Face Space (``SPACE_ID`` set) the
 env-var login is off: "Sign in with Hugging Face" (``hf_oauth``) decides who may queue runs, and the
 Space's owner is the admin.
 """
@@ -32,6 +34,20 @@ from ui.runs_tab import create_runs_tab
 from ui.train_tab import create_train_tab, form_values
 
 ON_SPACES = bool(os.environ.get("SPACE_ID"))  # set by Hugging Face Spaces
+QUEUE_MAX = 32  # default of STUDIO_QUEUE_MAX
+
+
+def queue_max() -> int:
+    """How many requests may wait in Gradio's queue (``STUDIO_QUEUE_MAX``): the next one is refused
+    at once (HTTP 503, "queue full"; the page says the app is busy) instead of waiting without end."""
+    value = os.environ.get("STUDIO_QUEUE_MAX", "").strip()
+    try:
+        size = int(value) if value else QUEUE_MAX
+    except ValueError:
+        raise ValueError(f"STUDIO_QUEUE_MAX must be a whole number, not {value!r}") from None
+    if size < 1:
+        raise ValueError(f"STUDIO_QUEUE_MAX must be at least 1, not {size}")
+    return size
 
 
 def build_ui(queue: Queue | None = None) -> gr.Blocks:
@@ -80,6 +96,9 @@ def build_ui(queue: Queue | None = None) -> gr.Blocks:
 
         gr.api(list_runs, api_name="list")
         gr.api(run_status, api_name="status")
+    # a bounded queue: an overloaded server answers "queue full" (503) at once; each endpoint runs one
+    # request at a time (the models share one device), other endpoints (status, list) run beside it
+    demo.queue(max_size=queue_max(), default_concurrency_limit=1)
     return demo
 
 

@@ -11,6 +11,9 @@ The three methods differ only in how the base weights are loaded (``load_base``)
 | qlora  | 4-bit NF4, double quantised  | bf16 on CUDA (fp16 if unsupported), fp32 on CPU |
 | lora   | bf16 / fp16 on CUDA          | same; fp32 on CPU (with a notice)  |
 | full   | fp32 master weights          | bf16 autocast on CUDA, fp32 on CPU |
+
+Under ``accelerate launch`` (several processes, ``LOCAL_RANK`` set) each process loads its replica onto
+its own GPU (``device_map_for``), 4-bit QLoRA included.
 """
 
 from __future__ import annotations
@@ -172,11 +175,30 @@ def precision_for(method: str, dev: str | None = None) -> Precision:
     return Precision("cuda", half, half)
 
 
+def device_map_for(dev: str, local_rank: str | int | None = None) -> dict:
+    """Where this process loads the whole model (``from_pretrained``'s ``device_map``). On CUDA that is
+    this process's GPU: under ``accelerate launch`` (``LOCAL_RANK`` set) each process loads its replica
+    onto GPU ``LOCAL_RANK``, not all of them onto GPU 0 (a 4-bit model cannot be moved afterwards);
+    alone, GPU 0 (the first one ``CUDA_VISIBLE_DEVICES`` shows)."""
+    if dev != "cuda":
+        return {"": "cpu"}
+    if local_rank is None or str(local_rank).strip() == "":
+        return {"": 0}
+    try:
+        rank = int(local_rank)
+    except ValueError:
+        raise ModelError(f"LOCAL_RANK must be a whole number, not {local_rank!r}") from None
+    if rank < 0:
+        raise ModelError(f"LOCAL_RANK must not be negative, not {rank}")
+    return {"": rank}
+
+
 def load_base(model_path: str, method: str, trust_remote_code: bool = False):
     """Load the base model for ``method``; returns ``(model, precision)``."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     prec = precision_for(method)
+    place = device_map_for(prec.device, os.environ.get("LOCAL_RANK"))
     kwargs = dict(dtype=prec.weight_dtype, **hub_kwargs(trust_remote_code))
     if method == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -186,11 +208,11 @@ def load_base(model_path: str, method: str, trust_remote_code: bool = False):
             bnb_4bit_compute_dtype=prec.compute_dtype,
             bnb_4bit_quant_storage=prec.compute_dtype,
         )
-        kwargs["device_map"] = {"": 0} if prec.device == "cuda" else {"": "cpu"}
+        kwargs["device_map"] = place
     try:
         model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     except (OSError, ValueError) as exc:
         raise explain_load_error(model_path, exc) from exc
     if method != "qlora":
-        model.to(prec.device)
+        model.to(place[""])  # "cpu", or this process's GPU (every replica on GPU 0 first could run out)
     return model, prec

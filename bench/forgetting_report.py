@@ -15,7 +15,7 @@ preset (CPU: minutes each), then measures, greedily:
 
 Each variant's figures go to ``OUT/VARIANT.json`` (a variant already measured there is not
 retrained); the markdown table is printed at the end. ``full-ewc`` takes ``ewc_lambda`` from
-``full-none`` unless given: the strength at which the penalty of the unprotected run's weight drift
+``full-none`` unless given (``-strong``: ten times that): the strength at which the penalty of the unprotected run's weight drift
 would equal 1 (a loss-sized pull), rounded to one significant figure.
 """
 
@@ -42,6 +42,9 @@ VARIANTS = {  # name -> (description, overrides on the embedded preset)
     "full-none": ("full, no protection", {"method": "full", "mix_ratio": 0}),
     "full-mix": ("full, general data mixed in (0.5)", {"method": "full", "mix_ratio": 0.5}),
     "full-ewc": ("full, EWC", {"method": "full", "mix_ratio": 0, "ewc_lambda": "auto"}),
+    "full-ewc-strong": ("full, EWC ten times stronger", {"method": "full", "mix_ratio": 0, "ewc_lambda": "auto*10"}),
+    "full-mix-ewc": ("full, mixed in + EWC ten times stronger",
+                     {"method": "full", "mix_ratio": 0.5, "ewc_lambda": "auto*10"}),
     "lora-mix": ("LoRA, general data mixed in (0.5)", {"method": "lora", "mix_ratio": 0.5}),
     "lora-mix-aug": ("LoRA, mixed in + augmentation (k=3)", {"method": "lora", "mix_ratio": 0.5, "augment_k": 3}),
     "lora-adalora": ("AdaLoRA (smollm2-135m-adalora-lora), mixed in",
@@ -109,8 +112,9 @@ def run_variant(name: str, out: Path, seen: Path, held: Path, ewc_lambda: float 
     _, overrides = VARIANTS[name]
     overrides = {**overrides, "data": str(SHARED / "identity_nova.json"), "mix_data": str(seen),
                  "measure_forgetting": False}  # measured below, with the rest
-    if overrides.get("ewc_lambda") == "auto":
-        overrides["ewc_lambda"] = ewc_lambda or auto_ewc_lambda(out, seen)
+    if str(overrides.get("ewc_lambda", "")).startswith("auto"):
+        scale = float(overrides["ewc_lambda"].partition("*")[2] or 1)
+        overrides["ewc_lambda"] = scale * (ewc_lambda or auto_ewc_lambda(out, seen))
     preset = overrides.pop("preset", None)
     spec = build_spec(overrides, preset)
     t0 = time.time()
@@ -150,7 +154,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     seen, held = general_split(out)
     names = [n.strip() for n in a.only.split(",") if n.strip()]
-    if "full-ewc" in names and a.ewc_lambda is None and "full-none" not in names:
+    if any("ewc" in n for n in names) and a.ewc_lambda is None and "full-none" not in names:
         names.insert(0, "full-none")
     results = [run_variant(n, out, seen, held, a.ewc_lambda) for n in names]
     print(table(results))

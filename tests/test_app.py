@@ -110,6 +110,7 @@ def test_archive_holds_the_result_and_the_run_description(tmp_path):
 
 def test_playground_endpoints_through_gradio_client(queue, tmp_path, tiny_model_dir, tiny_data):
     """Side by side, a blind vote, DPO pairs, batch and eval, on a tiny trained run given by path."""
+    import html
     import json
 
     from gradio_client import Client
@@ -136,8 +137,8 @@ def test_playground_endpoints_through_gradio_client(queue, tmp_path, tiny_model_
         assert "over 1 votes" in info
         pairs = Path(client.predict(str(run), api_name="/preference_pairs")).read_text(encoding="utf-8")
         pair = json.loads(pairs)
-        assert pair["prompt"] == "Who are you? (2)" and {pair["chosen"], pair["rejected"]} == {
-            text(left[1]["content"]), text(right[1]["content"])}
+        assert pair["prompt"] == "Who are you? (2)" and {pair["chosen"], pair["rejected"]} == {  # shown escaped
+            html.unescape(text(left[1]["content"])), html.unescape(text(right[1]["content"]))}
         table, files = client.predict(str(run), "", "Who are you? (3)\nHi", *settings, api_name="/batch_compare")
         assert [row[0] for row in table["data"]] == ["Who are you? (3)", "Hi"] and len(files) == 2
         assert "| base |" in client.predict(str(run), "", api_name="/evaluate")

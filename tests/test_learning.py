@@ -98,6 +98,22 @@ def test_tuned_eval_loss_beats_base_without_forgetting_general_data(loaded, runs
     assert losses["tuned"] <= 1.1 * losses["base"], losses
 
 
+@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
+def test_each_run_reports_the_general_answers_it_kept(runs, method):
+    """The forgetting meter ran after training (measure_forgetting is on by default): the base knows
+    most shipped questions, and with general data mixed in the run keeps more than half of them (full
+    fine-tuning on identity_nova.json alone keeps 20 of 40: README, "Against forgetting")."""
+    from backend import forgetting
+
+    record = forgetting.read(runs[method].path)
+    assert record is not None, "no forgetting.json after training"
+    status = runs[method].status()
+    assert (status["forgetting_kept"], status["forgetting_n"]) == (record["kept"], record["n"])
+    assert record["total"] == 40 and record["n"] >= 30, record
+    assert record["kept"] > record["n"] / 2, record
+    assert len(record["changed"]) == record["n"] - record["kept"]
+
+
 def greedy_alone(model, tokenizer, prompt, system, max_new_tokens=64) -> str:
     """A model's greedy answer on its own: batch of one, no adapters toggled, no padding."""
     import torch

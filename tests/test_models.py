@@ -48,3 +48,44 @@ def test_embedded_model_converts_once_and_answers_paris(tmp_path, monkeypatch):
                                             "You are a helpful assistant.")])
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_each_process_loads_onto_its_own_gpu():
+    """Under ``accelerate launch`` (LOCAL_RANK set) a QLoRA replica goes onto that process's GPU, not GPU 0."""
+    assert models.device_map_for("cuda", None) == {"": 0}  # one process
+    assert models.device_map_for("cuda", "") == {"": 0}
+    assert models.device_map_for("cuda", "0") == {"": 0}
+    assert models.device_map_for("cuda", "3") == {"": 3}
+    assert models.device_map_for("cuda", 1) == {"": 1}
+    assert models.device_map_for("cpu", "1") == {"": "cpu"}  # gloo processes on the CPU
+    for bad in ("x", "-1"):
+        with pytest.raises(models.ModelError, match="LOCAL_RANK"):
+            models.device_map_for("cuda", bad)
+
+
+def test_load_base_passes_local_rank_to_from_pretrained(monkeypatch):
+    """load_base reads LOCAL_RANK: the 4-bit model's device_map and the other methods' .to() name GPU 1."""
+    import transformers
+
+    calls = {}
+
+    class Fake:
+        def to(self, where):
+            calls["to"] = where
+            return self
+
+    def from_pretrained(path, **kwargs):
+        calls["kwargs"] = kwargs
+        return Fake()
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(models, "precision_for", lambda method: models.Precision("cuda", torch.float16, torch.float16))
+    monkeypatch.setattr(transformers, "BitsAndBytesConfig", lambda **kw: kw)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    models.load_base("some/model", "qlora")
+    assert calls["kwargs"]["device_map"] == {"": 1} and "to" not in calls
+    models.load_base("some/model", "lora")
+    assert calls["to"] == 1 and "device_map" not in calls["kwargs"]
+    monkeypatch.delenv("LOCAL_RANK")
+    models.load_base("some/model", "qlora")
+    assert calls["kwargs"]["device_map"] == {"": 0}

@@ -1,7 +1,7 @@
 """The hardened server, launched on loopback exactly as ``python app.py`` launches it (``app.launch``):
 the env-var login guards every endpoint that starts, cancels or downloads work; uploads have a size
 limit; ``/gradio_api/file=`` serves no file outside what the app itself handed out; model output
-with HTML or script in it never runs in the page."""
+with HTML or script in it shows as text and never runs in the page."""
 
 import shutil
 import socket
@@ -140,19 +140,68 @@ def test_file_route_serves_nothing_it_should_not(server, tmp_path):
         inner.shutdown()
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (scripts/ensure_chromium.sh)")
-def test_model_output_with_html_never_runs_in_the_page(server, monkeypatch, tmp_path):
-    """The Playground's chat columns get an answer full of markup: nothing runs, no script, event
-    handler or javascript: link reaches the page (Chatbot's sanitize_html), and the answer's text is
-    shown. (Harmless tags such as <b> are still rendered, not shown literally.)"""
-    from playwright.sync_api import expect, sync_playwright
+PAYLOAD = ('Sure <b>x</b><script>window.pwned = 1</script><img src=x onerror="window.pwned = 2">'
+           '<a href="javascript:window.pwned = 3">click</a> done $$x^2$$ **not bold**')
 
+
+def fake_generation(monkeypatch, payload=PAYLOAD):
+    """The playground answers ``payload`` on both sides without a model; returns the messages it was given."""
     from backend import playground
 
-    payload = ('Sure <script>window.pwned = 1</script><img src=x onerror="window.pwned = 2">'
-               '<a href="javascript:window.pwned = 3">click</a> done')
+    seen = []
+
+    def stream(loaded, messages, shown, **kw):
+        seen.append(messages)
+        return iter([{s: payload[:5] for s in shown}, {s: payload for s in shown}])
+
     monkeypatch.setattr(playground.CACHE, "get", lambda *a, **k: object())
-    monkeypatch.setattr(playground, "stream", lambda loaded, messages, shown, **kw: iter([{s: payload for s in shown}]))
+    monkeypatch.setattr(playground, "stream", stream)
+    return seen
+
+
+def test_model_output_with_html_is_shown_as_text_not_rendered(monkeypatch, tmp_path):
+    """The chat columns get the answer HTML-escaped, with Markdown and LaTeX off: ``<b>x</b><script>...``
+    reads as those characters; the next turn's history (and a vote) is the model's own text again."""
+    import gradio as gr
+
+    import app
+    from ui.playground_tab import _history, literal
+
+    raw = "<b>x</b><script>alert(1)</script> & 1 < 2"
+    assert literal([{"role": "assistant", "content": raw}]) == [
+        {"role": "assistant", "content": "&lt;b&gt;x&lt;/b&gt;&lt;script&gt;alert(1)&lt;/script&gt; &amp; 1 &lt; 2"}]
+    assert _history(literal([{"role": "assistant", "content": raw}])) == [{"role": "assistant", "content": raw}]
+    tricky = "&lt;b&gt; is how one writes <b> & &amp;"  # text that already looks escaped survives too
+    assert _history(literal([{"role": "user", "content": tricky}]))[0]["content"] == tricky
+
+    seen = fake_generation(monkeypatch, raw)
+    demo = app.build_ui(Queue(tmp_path / "jobs.sqlite3", tmp_path / "runs"))
+    columns = [b for b in demo.blocks.values() if isinstance(b, gr.Chatbot)]
+    assert len(columns) == 2
+    assert all(c.render_markdown is False and c.latex_delimiters == [] and c.sanitize_html for c in columns)
+    send = next(fn.fn for fn in demo.fns.values() if fn.api_name == "side_by_side")
+    settings = ("", 16, 0, 1.0, 50, 1.0, 0)
+    *_, last = send(str(tmp_path), "", "<i>hi</i>", False, [], [], *settings)
+    left, right = last[0], last[1]
+    for chat, column in zip((left, right), columns):
+        assert chat[-1]["content"] == "&lt;b&gt;x&lt;/b&gt;&lt;script&gt;alert(1)&lt;/script&gt; &amp; 1 &lt; 2"
+        assert chat[-2]["content"] == "&lt;i&gt;hi&lt;/i&gt;"
+        assert not any("<" in m["content"] for m in chat)
+        sent = column.postprocess(chat).model_dump()  # what goes to the page: still escaped
+        assert "<script>" not in str(sent) and "&lt;script&gt;" in str(sent)
+    *_, last = send(str(tmp_path), "", "again", False, left, right, *settings)  # the next turn
+    assert seen[-1]["base"][:2] == [{"role": "user", "content": "<i>hi</i>"}, {"role": "assistant", "content": raw}]
+    assert len(last[0]) == 4
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (scripts/ensure_chromium.sh)")
+def test_model_output_with_html_never_runs_in_the_page(server, monkeypatch, tmp_path):
+    """The Playground's chat columns get an answer full of markup: nothing runs, no element of it
+    reaches the page (no script, event handler, javascript: link, not even <b>), and the answer reads
+    as the model wrote it, tags and all, Markdown and LaTeX unrendered."""
+    from playwright.sync_api import expect, sync_playwright
+
+    fake_generation(monkeypatch)
     url, *_ = server
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=shutil.which("chromium"),
@@ -167,12 +216,15 @@ def test_model_output_with_html_never_runs_in_the_page(server, monkeypatch, tmp_
         page.get_by_role("button", name="Generate both").click()
         answers = page.locator(".bot-row:visible")
         expect(answers).to_have_count(2, timeout=30_000)
+        expect(answers.nth(1)).to_contain_text("**not bold**", timeout=30_000)
         page.wait_for_timeout(500)
         for i in range(2):
-            html = answers.nth(i).locator(".message-content, .prose").first.inner_html()
-            assert "<script" not in html and "onerror" not in html and "javascript:" not in html, html
-            text = answers.nth(i).inner_text()
-            assert "Sure" in text and "click" in text and "done" in text, text
+            content = answers.nth(i).locator(".message-content, .prose").first
+            html = content.inner_html()
+            for element in ("<script", "<img", "<a ", "<b>", "<strong", "katex"):
+                assert element not in html, (element, html)
+            assert content.locator("script, img, a, b, strong").count() == 0, html
+            assert content.inner_text().strip() == PAYLOAD, content.inner_text()
         assert page.evaluate("window.pwned") is None
         browser.close()
 
@@ -214,3 +266,19 @@ def test_on_a_space_hugging_face_sign_in_decides_who_queues(monkeypatch, tmp_pat
     options = {}
     app.launch(SimpleNamespace(launch=lambda **kw: options.update(kw)))
     assert options["auth"] is None
+
+
+def test_the_queue_is_bounded_by_studio_queue_max(monkeypatch, tmp_path):
+    """A full queue refuses the next request at once (503, "queue full"; tests/test_load.py under load)."""
+    import app
+
+    queue = Queue(tmp_path / "jobs.sqlite3", tmp_path / "runs")
+    monkeypatch.delenv("STUDIO_QUEUE_MAX", raising=False)
+    assert app.queue_max() == 32 and app.build_ui(queue)._queue.max_size == 32
+    monkeypatch.setenv("STUDIO_QUEUE_MAX", "5")
+    demo = app.build_ui(queue)
+    assert demo._queue.max_size == 5 and demo._queue.default_concurrency_limit == 1
+    for bad in ("0", "many"):
+        monkeypatch.setenv("STUDIO_QUEUE_MAX", bad)
+        with pytest.raises(ValueError, match="STUDIO_QUEUE_MAX"):
+            app.queue_max()

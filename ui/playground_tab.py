@@ -3,6 +3,7 @@ on one prompt, a batch of prompts with evaluation. Every handler calls ``backend
 
 from __future__ import annotations
 
+import html
 import json
 import tempfile
 from pathlib import Path
@@ -52,8 +53,23 @@ def _text(content) -> str:
     return content if isinstance(content, str) else str(content)
 
 
+def literal(messages: list[dict]) -> list[dict]:
+    """Messages as the chat columns show them: literally. The Chatbot puts a message into the page as
+    HTML (sanitised, but ``<b>`` would still render and ``<script>`` would vanish), with Markdown and
+    LaTeX off as well (``_chatbot``) so what a model wrote is what one reads; hence the text is
+    HTML-escaped here and ``_history`` unescapes it again. (An API client of ``/side_by_side`` gets
+    the escaped text too.)"""
+    return [{"role": m["role"], "content": html.escape(m["content"], quote=False)} for m in messages]
+
+
 def _history(chat: list) -> list[dict]:
-    return [{"role": m["role"], "content": _text(m["content"])} for m in chat or []]
+    """The chat columns' messages as the model wrote them (undoes ``literal``)."""
+    return [{"role": m["role"], "content": html.unescape(_text(m["content"]))} for m in chat or []]
+
+
+def _chatbot(label) -> gr.Chatbot:
+    """A chat column that shows text as text: no Markdown, no LaTeX (and the text escaped: ``literal``)."""
+    return gr.Chatbot(label=label, height=360, render_markdown=False, latex_delimiters=[])
 
 
 def create_playground_tab(queue):
@@ -73,8 +89,8 @@ def create_playground_tab(queue):
     settings = [system, max_new, temperature, top_p, top_k, repetition_penalty, seed]
     blind = gr.Checkbox(False, label=t("blind"))
     with gr.Row():
-        left = gr.Chatbot(label=t("base"), height=360)
-        right = gr.Chatbot(label=t("tuned"), height=360)
+        left = _chatbot(t("base"))
+        right = _chatbot(t("tuned"))
     with gr.Row():
         prompt = gr.Textbox(label=t("prompt"), value="Who are you?", scale=4)
         send = gr.Button(t("generate"), variant="primary", scale=1)
@@ -125,18 +141,20 @@ def create_playground_tab(queue):
         if not text or not text.strip():
             raise gr.Error("type a prompt")
         loaded = _loaded(queue, run_value, ckpt)
-        shown = playground.blind_order() if is_blind else ("base", "tuned")
+        sides = playground.blind_order() if is_blind else ("base", "tuned")
         if is_blind:  # one prompt at a time, freshly shuffled
             chat_l, chat_r = [], []
-        chats = {shown[0]: _history(chat_l), shown[1]: _history(chat_r)}
+        chats = {sides[0]: _history(chat_l), sides[1]: _history(chat_r)}
         user = {"role": "user", "content": text}
-        messages = {side: chats[side] + [user] for side in shown}
+        messages = {side: chats[side] + [user] for side in sides}
         hidden = gr.Row(visible=False)
-        for answers in playground.stream(loaded, messages, shown, **_settings(*values)):
-            yield (*[messages[s] + [{"role": "assistant", "content": answers[s]}] for s in shown],
-                   shown, *labels(is_blind, shown), hidden, "")
-        yield (*[messages[s] + [{"role": "assistant", "content": answers[s]}] for s in shown],
-               shown, *labels(is_blind, shown), gr.Row(visible=is_blind), "")
+
+        def columns(answers):
+            return [literal(messages[s] + [{"role": "assistant", "content": answers[s]}]) for s in sides]
+
+        for answers in playground.stream(loaded, messages, sides, **_settings(*values)):
+            yield (*columns(answers), sides, *labels(is_blind, sides), hidden, "")
+        yield (*columns(answers), sides, *labels(is_blind, sides), gr.Row(visible=is_blind), "")
 
     def do_vote(choice, run_value, shown, chat_l, chat_r, system_text, request: gr.Request = None):
         if not chat_l or not chat_r:

@@ -85,7 +85,8 @@ def create_runs_tab(queue):
     shown = gr.State("")
     outputs = [jobs, run_id, detail, curve, log, shown]
     timer = gr.Timer(2.0)
-    timer.tick(refresh, [run_id, shown], outputs, api_visibility="private", show_progress="hidden")
+    # off the queue: a page's polling keeps answering while playground requests fill the queue's bound
+    timer.tick(refresh, [run_id, shown], outputs, api_visibility="private", show_progress="hidden", queue=False)
     run_id.change(show, [run_id], [detail, curve, log], api_visibility="private")
 
     def do_cancel(run_id, request: gr.Request):
