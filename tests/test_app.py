@@ -142,5 +142,8 @@ def test_playground_endpoints_through_gradio_client(queue, tmp_path, tiny_model_
         table, files = client.predict(str(run), "", "Who are you? (3)\nHi", *settings, api_name="/batch_compare")
         assert [row[0] for row in table["data"]] == ["Who are you? (3)", "Hi"] and len(files) == 2
         assert "| base |" in client.predict(str(run), "", api_name="/evaluate")
+        info, changed = client.predict(str(run), "", api_name="/forgetting")
+        assert "general answers" in info and changed["headers"] == ["question", "base answer", "tuned answer"]
+        assert (run / "forgetting.json").exists()
     finally:
         demo.close()

@@ -11,10 +11,12 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from backend import playground, service
+from backend import forgetting, playground, service
 from backend.evaluate import evaluate
 
 from .i18n import t
+
+FORGET_COLUMNS = ["question", "base answer", "tuned answer"]
 
 
 def completed_runs(queue) -> list[str]:
@@ -119,6 +121,11 @@ def create_playground_tab(queue):
         batch_files = gr.File(label=t("download"), file_count="multiple", interactive=False, visible=False)
         eval_out = gr.Markdown()
 
+    with gr.Accordion(t("forgetting"), open=False):
+        forget_btn = gr.Button(t("measure_forgetting"))
+        forget_info = gr.Markdown()
+        forget_table = gr.Dataframe(headers=FORGET_COLUMNS, interactive=False, wrap=True)
+
     # -- handlers ---------------------------------------------------------------------------------
     def refresh_runs(current):
         ids = completed_runs(queue)
@@ -210,7 +217,30 @@ def create_playground_tab(queue):
         lines += [f"| {side} | {r['loss']:.4f} | {r['perplexity']:.2f} | {r['tokens']} |" for side, r in res.items()]
         return "On the run's validation split:\n\n" + "\n".join(lines)
 
+    def forgetting_view(record):
+        if not record:
+            return forgetting.summary(None), pd.DataFrame([], columns=FORGET_COLUMNS)
+        where = f" (checkpoint {record['checkpoint']})" if record.get("checkpoint") else ""
+        info = (f"**{forgetting.summary(record)}**{where}: of {record['total']} general questions the base "
+                f"answers {record['n']} right; the tuned model lost these:" if record["changed"] else
+                f"**{forgetting.summary(record)}**{where} (of {record['total']} general questions).")
+        rows = [[c["question"], c["base"], c["tuned"]] for c in record["changed"]]
+        return info, pd.DataFrame(rows, columns=FORGET_COLUMNS)
+
+    def do_forgetting(run_value, ckpt, progress=gr.Progress()):
+        loaded = _loaded(queue, run_value, ckpt)
+        progress(0, desc=f"asking {len(forgetting.load_questions())} general questions, base and tuned")
+        return forgetting_view(forgetting.meter(loaded, run_dir_of(queue, run_value)))
+
+    def stored_forgetting(run_value):
+        try:
+            return forgetting_view(forgetting.read(run_dir_of(queue, run_value)) if run_value else None)
+        except gr.Error:
+            return forgetting_view(None)
+
     chats = [left, right]
+    run.change(stored_forgetting, [run], [forget_info, forget_table], api_visibility="private")
+    forget_btn.click(do_forgetting, [run, checkpoint], [forget_info, forget_table], api_name="forgetting")
     refresh_btn.click(refresh_runs, [run], [run, others], api_visibility="private")
     run.change(checkpoints, [run], [checkpoint], api_visibility="private")
     blind.change(lambda b: ([], [], *labels(b, ("base", "tuned")), gr.Row(visible=False), ""), [blind],
