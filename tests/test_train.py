@@ -151,4 +151,4 @@ def test_loss_on_learned_positions_only_equals_the_models_own_loss(tiny_model_di
     # attends across examples; measured on the embedded model: loss 6.46 instead of 7.87.)
     alone = [(model(input_ids=torch.tensor([f["input_ids"]]), labels=torch.tensor([f["labels"]])).loss,
               sum(x != -100 for x in f["labels"][1:])) for f in features]
-    torch.testing.assert_close(trainer.compute_loss(model, batch), sum(l * k for l, k in alone) / sum(k for _, k in alone))
+    torch.testing.assert_close(trainer.compute_loss(model, batch), sum(loss * k for loss, k in alone) / sum(k for _, k in alone))
