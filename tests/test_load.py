@@ -124,20 +124,28 @@ def test_a_full_queue_answers_busy_and_training_goes_on(tmp_path, monkeypatch, t
         go = threading.Barrier(CLIENTS + 2, timeout=60)  # the clients, the poller, this thread
         end = [0.0]
 
+        def attempt(call) -> str:
+            """One request: "answer", "busy" (the queue's bound), "hang", or the error (asserted on later)."""
+            try:
+                return call()
+            except QueueError:
+                return "busy"
+            except TimeoutError:
+                return "hang"
+            except Exception as exc:
+                return f"error: {type(exc).__name__}: {exc}"
+
         def ask(client):
             go.wait()
             while True:
                 t0 = time.time()
-                try:
+
+                def side_by_side():
                     client.submit(done_run, "", "Who are you?", False, [], [], *SETTINGS,
                                   api_name="/side_by_side").result(timeout=TIMEOUT_S)
-                    outcome = "answer"
-                except QueueError:
-                    outcome = "busy"
-                except TimeoutError:
-                    outcome = "hang"
-                except Exception as exc:  # recorded, then asserted on
-                    outcome = f"error: {type(exc).__name__}: {exc}"
+                    return "answer"
+
+                outcome = attempt(side_by_side)
                 with lock:
                     outcomes.append((outcome, time.time() - t0))
                 if time.time() >= end[0] or outcome == "hang":
@@ -149,15 +157,12 @@ def test_a_full_queue_answers_busy_and_training_goes_on(tmp_path, monkeypatch, t
             go.wait()
             while time.time() < end[0]:
                 t0 = time.time()
-                try:
+
+                def status_call():
                     status = probe.submit(job.run_id, api_name="/status").result(timeout=TIMEOUT_S)
-                    outcome = "answer" if status.get("state") == "running" else f"error: {status}"
-                except QueueError:
-                    outcome = "busy"
-                except TimeoutError:
-                    outcome = "hang"
-                except Exception as exc:  # recorded, then asserted on
-                    outcome = f"error: {type(exc).__name__}: {exc}"
+                    return "answer" if status.get("state") == "running" else f"error: {status}"
+
+                outcome = attempt(status_call)
                 polls.append((outcome, time.time() - t0))
                 time.sleep(0.5)
 
