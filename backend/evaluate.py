@@ -25,7 +25,11 @@ def conversation_loss(model, tokenizer, conversations, system_prompt, max_length
             n = int((labels[:, 1:] != template.IGNORE_INDEX).sum())
             if n == 0:
                 continue
-            loss = model(input_ids=ids, labels=labels).loss
+            # cross-entropy on the logits, not ``model(labels=...)``: peft's AdaLoRA adds its
+            # orthogonality penalty to any loss computed from labels (and fails outside training)
+            logits = model(input_ids=ids).logits[:, :-1].float()
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(),
+                                                     ignore_index=template.IGNORE_INDEX)
             total += float(loss) * n
             count += n
     mean = total / max(count, 1)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,6 +103,7 @@ def measure(run_dir: Path, held: Path) -> dict:
 
 def run_variant(name: str, out: Path, seen: Path, held: Path, ewc_lambda: float | None) -> dict:
     from backend.presets import build_spec
+    from backend.runs import RunFolder
     from backend.train import train
 
     path = out / f"{name}.json"
@@ -117,13 +117,15 @@ def run_variant(name: str, out: Path, seen: Path, held: Path, ewc_lambda: float 
         overrides["ewc_lambda"] = scale * (ewc_lambda or auto_ewc_lambda(out, seen))
     preset = overrides.pop("preset", None)
     spec = build_spec(overrides, preset)
-    t0 = time.time()
-    run = train(spec, out / name)
-    minutes = (time.time() - t0) / 60
+    run = RunFolder(out / name)
+    if not (run.config_path.exists() and run.status().get("state") == "completed"):  # else: trained, measure again
+        run = train(spec, out / name)
+    minutes = (run.status()["ended_at"] - run.status()["started_at"]) / 60
     shown = {k: v for k, v in overrides.items() if k not in ("data", "mix_data", "measure_forgetting")}
     result = {"variant": name, "overrides": shown,
               "train_minutes": round(minutes, 1), "steps": run.status().get("step"),
-              "train_rows": run.status().get("train_rows"), **measure(out / name, held)}
+              "train_rows": run.status().get("train_rows"), "peak_memory_mb": run.status().get("peak_memory_mb"),
+              **measure(out / name, held)}
     path.write_text(json.dumps(result, ensure_ascii=False, indent=1), encoding="utf-8")
     print(json.dumps(result, ensure_ascii=False), flush=True)
     return result

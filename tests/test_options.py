@@ -14,6 +14,7 @@ from test_train import tiny_spec
 from backend import models, playground
 from backend import train as train_mod
 from backend.config import ConfigError, RunSpec
+from backend.evaluate import evaluate
 
 FIXTURES = Path(__file__).resolve().parent / "data"
 
@@ -106,6 +107,8 @@ def test_adalora_reallocates_ranks_and_reloads(tmp_path, tiny_model_dir, tiny_da
     loaded = playground.load_run(run.path)
     both = playground.compare(loaded, "Who are you? (1)", max_new_tokens=6)
     assert both["base"] != both["tuned"]
+    scores = evaluate(loaded, run.path)  # the loss alone: no AdaLoRA penalty (peft adds it to labels' loss)
+    assert math.isfinite(scores["tuned"]["loss"]) and scores["tuned"]["loss"] != scores["base"]["loss"]
 
 
 def test_early_stopping_keeps_the_best_checkpoint(tmp_path, tiny_model_dir, tiny_data):

@@ -24,9 +24,13 @@ def completed_runs(queue) -> list[str]:
 
 
 def run_dir_of(queue, run) -> str:
-    """A queued run's id, or the path of a run folder made elsewhere (e.g. by the CLI)."""
+    """A queued run's id, or the path of a run folder made elsewhere (e.g. by the CLI). None picked yet
+    (e.g. a click before the tab's run list arrived): the newest completed run, as the tab shows."""
     if not run:
-        raise gr.Error("pick a completed run first")
+        ids = completed_runs(queue)
+        if not ids:
+            raise gr.Error("pick a completed run first")
+        run = ids[-1]
     if Path(run).is_dir():
         return str(run)
     try:
