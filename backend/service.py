@@ -107,8 +107,15 @@ def run_view(run_dir: str | Path, log_lines: int = 20) -> dict:
         "loss": [{"step": m["step"], "loss": m["loss"], "kind": "train"} for m in metrics if "loss" in m]
         + [{"step": m["step"], "loss": m["eval_loss"], "kind": "eval"} for m in metrics if "eval_loss" in m],
         "log": log, "result": run.result_dir().name if run.result_dir() else None,
-        "forgetting": forgetting.read(run_dir),
+        "forgetting": forgetting.read(run_dir), "forgetting_state": status.get("forgetting"),
     }
+
+
+def finished_runs(queue) -> list[str]:
+    """The queue's runs with a result to load, oldest first: those whose run folder says completed
+    (the job itself stays running while the forgetting meter asks its questions)."""
+    return [j.run_id for j in queue.list()
+            if j.state == "completed" or (j.run_dir and RunFolder(j.run_dir).status().get("state") == "completed")]
 
 
 def jobs_table(queue) -> list[list]:

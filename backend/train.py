@@ -501,12 +501,14 @@ def _measure_forgetting(run: RunFolder) -> None:
     from . import forgetting, playground
 
     t0 = time.time()
+    run.set_status(forgetting="measuring")  # the Runs view says so; the result is usable meanwhile
     try:
         loaded = playground.load_run(run.path)
         result = forgetting.meter(loaded, run.path)
     except Exception as exc:  # noqa: BLE001 - the trained result is fine either way
         log.warning("forgetting meter failed: %s", exc)
         run.add_notices([f"forgetting meter failed: {type(exc).__name__}: {exc}"])
+        run.set_status(forgetting="failed")
         return
-    run.set_status(forgetting_kept=result["kept"], forgetting_n=result["n"])
+    run.set_status(forgetting="measured", forgetting_kept=result["kept"], forgetting_n=result["n"])
     print(f"forgetting: {forgetting.summary(result)} ({time.time() - t0:.0f}s)", flush=True)

@@ -70,8 +70,8 @@ def test_upload_queue_and_watch_a_run_in_the_browser(tmp_path):
             page.get_by_role("button", name="Generate both").click()
             answers = page.locator(".bot-row:visible")
             expect(answers).to_have_count(2, timeout=120_000)
-            expect(answers.nth(0)).not_to_be_empty()
-            expect(answers.nth(1)).not_to_be_empty()
+            expect(answers.nth(0)).not_to_be_empty(timeout=120_000)  # streamed: the rows come first
+            expect(answers.nth(1)).not_to_be_empty(timeout=120_000)
             texts = None
             for _ in range(120):  # streamed: wait until both answers stop growing
                 page.wait_for_timeout(1000)

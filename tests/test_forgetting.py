@@ -3,6 +3,7 @@ trained run (a random model answers nothing right, so the questions are built fr
 and on the real embedded model: every shipped question answered right by the base."""
 
 import json
+import subprocess
 import time
 
 import pytest
@@ -141,3 +142,31 @@ def test_a_run_measures_forgetting_after_training_and_survives_a_failing_meter(t
     assert status["state"] == "completed" and (run.path / "adapter").is_dir()
     assert "forgetting meter failed: RuntimeError: out of memory" in status["notices"]
     assert forgetting.read(run.path) is None
+
+
+def test_the_result_is_in_the_playground_while_the_meter_asks_its_questions(tmp_path, tiny_model_dir, tiny_data,
+                                                                              home, monkeypatch):
+    from backend import service
+    from backend.jobs import Queue
+    from backend.runs import RunFolder
+    from ui.runs_tab import detail_markdown
+
+    queue = Queue(db_path=tmp_path / "jobs.sqlite3", runs_root=tmp_path / "runs")
+    job = queue.submit(tiny_spec(tiny_model_dir, tiny_data, max_steps=2, measure_forgetting=True))
+    queue.claim("cpu", lambda j: subprocess.Popen(["true"]))  # the job is running, as under the worker
+    seen = {}
+    meter = forgetting.meter
+
+    def watched(loaded, run_dir, **kw):
+        seen["status"] = RunFolder(run_dir).status()
+        seen["listed"] = service.finished_runs(queue)
+        seen["detail"] = detail_markdown(service.run_view(run_dir))
+        return meter(loaded, run_dir, **kw)
+
+    monkeypatch.setattr(forgetting, "meter", watched)
+    train_mod.train(RunFolder(job.run_dir).spec(), job.run_dir)
+    assert queue.get(job.run_id).state == "running"
+    assert seen["status"]["state"] == "completed" and seen["status"]["forgetting"] == "measuring"
+    assert seen["listed"] == [job.run_id]
+    assert "Forgetting: asking the general questions" in seen["detail"]
+    assert "Forgetting: kept" in detail_markdown(service.run_view(job.run_dir))

@@ -19,15 +19,11 @@ from .i18n import t
 FORGET_COLUMNS = ["question", "base answer", "tuned answer"]
 
 
-def completed_runs(queue) -> list[str]:
-    return [j.run_id for j in queue.list() if j.state == "completed"]
-
-
 def run_dir_of(queue, run) -> str:
     """A queued run's id, or the path of a run folder made elsewhere (e.g. by the CLI). None picked yet
     (e.g. a click before the tab's run list arrived): the newest completed run, as the tab shows."""
     if not run:
-        ids = completed_runs(queue)
+        ids = service.finished_runs(queue)
         if not ids:
             raise gr.Error("pick a completed run first")
         run = ids[-1]
@@ -132,7 +128,7 @@ def create_playground_tab(queue):
 
     # -- handlers ---------------------------------------------------------------------------------
     def refresh_runs(current):
-        ids = completed_runs(queue)
+        ids = service.finished_runs(queue)
         value = current if current else (ids[-1] if ids else None)
         return gr.Dropdown(choices=ids, value=value), gr.Dropdown(choices=ids)
 

@@ -33,6 +33,8 @@ def detail_markdown(view: dict) -> str:
         f = view["forgetting"]
         lost = ", ".join(c["question"] for c in f["changed"][:5]) + (" ..." if len(f["changed"]) > 5 else "")
         text += f"\n\nForgetting: kept {f['kept']} of {f['n']} general answers" + (f" (lost: {lost})" if lost else "")
+    elif view.get("forgetting_state") == "measuring":
+        text += "\n\nForgetting: asking the general questions of base and tuned model..."
     for notice in view["notices"]:
         text += f"\n\n> {notice}"
     if view["error"]:
