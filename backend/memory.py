@@ -5,7 +5,7 @@
     est.total, est.breakdown(), est.fits(device_free_memory("cuda")[0])
 
 or for a run: ``estimate_for_spec(spec, config, device)``. Nothing is loaded: the model is built
-on the meta device (``accelerate.init_empty_weights``) to count parameters and find its Linear
+on the meta device (``torch.device("meta")``) to count parameters and find its Linear
 layers, and the rest is arithmetic. All sizes are bytes.
 
 What a training step holds at its peak (the start of backward, when every activation is still
@@ -169,12 +169,14 @@ def inventory(config, trust_remote_code: bool = False) -> Inventory:
     key = config.to_json_string(use_diff=False)
     if key not in _INVENTORIES:
         import torch
-        from accelerate import init_empty_weights
         from transformers import AutoModelForCausalLM
 
-        with init_empty_weights():
+        # torch.device("meta"), not accelerate's init_empty_weights: that one patches
+        # nn.Module.register_parameter for every thread, so a model loading meanwhile in another
+        # thread (the playground, in the web app) got meta weights ("Cannot copy out of meta tensor")
+        with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-        model.tie_weights()  # from_config under init_empty_weights leaves tied weights untied
+        model.tie_weights()
         head_module = model.get_output_embeddings()
         linears, head = [], None
         for name, module in model.named_modules():

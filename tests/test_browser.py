@@ -5,6 +5,7 @@ in the Playground; screenshots are saved."""
 import os
 import shutil
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,10 @@ def test_upload_queue_and_watch_a_run_in_the_browser(tmp_path):
             assert all(len(t.strip()) > 3 for t in texts), texts
             page.screenshot(path=str(SHOTS / "playground.png"), full_page=True)
             browser.close()
+        for _ in range(300):  # the job ends after the forgetting meter, which the playground need not wait for
+            if queue.list()[-1].state != "running":
+                break
+            time.sleep(1)
     finally:
         demo.close()
         worker.stop()

@@ -170,3 +170,26 @@ def test_checkpointing_keeps_only_each_layers_input_on_cpu():
     seq = 256
     measured = _saved_bytes(3, "full", seq, checkpointing=True) - _saved_bytes(2, "full", seq, checkpointing=True)
     assert measured == 4 * TINY["hidden_size"] * seq
+
+
+def test_building_the_meta_model_leaves_other_threads_alone(monkeypatch):
+    """The web app estimates memory while another thread may be loading a model for the playground:
+    what that thread builds meanwhile must get real weights, not meta ones."""
+    import threading
+
+    import transformers
+
+    seen = {}
+    build = transformers.AutoModelForCausalLM.from_config
+
+    def from_config(config, **kw):  # another thread makes a layer while the meta model is built
+        other = threading.Thread(target=lambda: seen.update(device=torch.nn.Linear(2, 2).weight.device))
+        other.start()
+        other.join()
+        return build(config, **kw)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", from_config)
+    config = transformers.LlamaConfig(hidden_size=16, intermediate_size=37, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2, vocab_size=61)
+    assert memory.inventory(config).params > 0
+    assert seen["device"].type == "cpu"
