@@ -33,11 +33,12 @@ saved and the loss gradient has just been made):
 * **activations**: what autograd saves, per decoder layer and token, counted op by op for a
   Llama-style layer (RMSNorm, attention, SwiGLU MLP) in the way transformers 5 runs it and
   checked against ``torch.autograd.graph.saved_tensors_hooks`` on CPU (tests/test_memory.py).
-  ``_layer_activation_bytes`` lists the terms. Packing matters: a packed row of ``s`` tokens
-  gets a block-diagonal mask, SDPA turns it into an s x s float tensor in every layer and keeps
-  it for backward (s bytes-per-element per token per layer: quadratic in the packed length), and
-  with a mask SDPA cannot use grouped-query attention natively, so k and v are repeated to every
-  head. No s x s score matrix is stored (flash / memory-efficient kernels). This replaces
+  ``_layer_activation_bytes`` lists the terms. Packing matters: under transformers' plain SDPA a
+  packed row of ``s`` tokens gets a block-diagonal mask, which SDPA turns into an s x s float
+  tensor in every layer and keeps for backward (quadratic in the packed length), and with a mask
+  k and v are repeated to every head. Training runs ``packed_sdpa`` (``backend.attention``),
+  causal SDPA per example, which keeps neither. No s x s score matrix is stored (flash /
+  memory-efficient kernels). This replaces
   Korthikanti et al. 2022's sbh(34 + 5as/h) (GPT with GeLU MLP, dropout, stored scores).
   With gradient checkpointing: each layer's input (s*h) plus one layer recomputed in backward.
 * **logits**: the loss projects onto the vocabulary only where a token is learned
@@ -70,6 +71,7 @@ from pathlib import Path
 
 from .models import precision_for
 
+ATTN_IMPLEMENTATIONS = ("packed_sdpa", "sdpa", "flash_attention_2")
 GiB = 2**30
 MiB = 2**20
 
@@ -242,9 +244,13 @@ def _layer_activation_bytes(config, layer_linears, targets: set[str], *, method:
     """Bytes autograd saves for one decoder layer over ``seq_tokens`` packed tokens.
 
     Per token (h hidden, i MLP width, q = heads*head_dim, e = 4 B on CPU and 2 B on CUDA):
-    each RMSNorm saves its input upcast to fp32 (4h) and 1/rms; attention saves q, k, v and the
-    output (4q*e; k/v unrepeated with flash_attention_2), the log-sum-exp (4*heads) and, with
-    SDPA, that layer's float copy of the packed s x s mask (s*e per token); the SwiGLU MLP saves
+    each RMSNorm saves its input upcast to fp32 (4h) and 1/rms; attention saves the log-sum-exp
+    (4*heads) and, with ``packed_sdpa`` (what training uses, ``backend.attention``), q, k, v and
+    each example's output ((2q + 2kv)*e; their concatenation, which o_proj reads, is a copy that
+    o_proj keeps only if it needs its input: q*e more when it trains or has LoRA without dropout); with plain
+    SDPA q, k and v repeated to every head, the output (4q*e) and that layer's float copy of the
+    packed s x s mask (s*e per token); with flash_attention_2 q, k, v, output ((2q + 2kv)*e).
+    The SwiGLU MLP saves
     gate_proj's output, SiLU's output, up_proj's output (3i*e) and, when down_proj trains, its
     input (i*e). Full fine-tuning adds each norm's normalised input for the norm weight's
     gradient and the norm output that the next Linear keeps (under CUDA autocast, one 16-bit copy
@@ -263,12 +269,16 @@ def _layer_activation_bytes(config, layer_linears, targets: set[str], *, method:
     e_res = 4 if method in ("full", "qlora") or cpu else e  # residual stream dtype (see estimate)
 
     per_token = 2 * (4 * h + 4)
-    if attn_implementation == "sdpa":
+    attn_out_copy = attn_implementation == "packed_sdpa"  # o_proj reads a copy, not the kernel's output
+    if attn_implementation == "packed_sdpa":
+        per_token += (2 * q + 2 * kv) * e
+    elif attn_implementation == "sdpa":
         per_token += 4 * q * e + seq_tokens * e
     elif attn_implementation == "flash_attention_2":
         per_token += (2 * q + 2 * kv) * e
     else:
-        raise ValueError(f"attn_implementation must be 'sdpa' or 'flash_attention_2', not {attn_implementation!r}")
+        raise ValueError(f"attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, "
+                         f"not {attn_implementation!r}")
     per_token += 4 * heads
 
     def role(name):
@@ -282,7 +292,7 @@ def _layer_activation_bytes(config, layer_linears, targets: set[str], *, method:
             readers[role(name)] = readers.get(role(name), 0) + 1
         per_token += 2 * e_res * h
         norm_outputs = 2 if cpu else readers.get("attn_in", 1) + readers.get("mlp_in", 1)
-        per_token += norm_outputs * e * h + 4 * i * e
+        per_token += norm_outputs * e * h + 4 * i * e + (q * e if attn_out_copy else 0)
         return per_token * seq_tokens
 
     per_token += 3 * i * e
@@ -296,7 +306,7 @@ def _layer_activation_bytes(config, layer_linears, targets: set[str], *, method:
         elif not cpu:
             per_token += n_in * e
         elif role(name) == "attn_out":
-            pass  # lora_A reads the attention output, which SDPA already keeps
+            per_token += n_in * e if attn_out_copy else 0  # else lora_A reads what SDPA already keeps
         elif role(name) not in saved_inputs:
             saved_inputs.add(role(name))
             per_token += n_in * e
@@ -307,7 +317,7 @@ def _layer_activation_bytes(config, layer_linears, targets: set[str], *, method:
 def estimate(config, method: str = "lora", *, seq_tokens: int, tokens_with_loss: int | None = None,
              r: int = 16, target_modules="all-linear", lora_dropout: float = 0.1,
              gradient_checkpointing: bool = False, device: str = "cuda", optim: str = "adamw_torch",
-             attn_implementation: str = "sdpa", save_total_limit: int = 2,
+             attn_implementation: str = "packed_sdpa", save_total_limit: int = 2,
              trust_remote_code: bool = False) -> Estimate:
     """Peak memory of one training step and the run's disk use.
 
@@ -320,7 +330,8 @@ def estimate(config, method: str = "lora", *, seq_tokens: int, tokens_with_loss:
         gradient_checkpointing: keep only layer inputs and recompute one layer at a time in backward.
         device: ``cuda`` or ``cpu``; dtypes come from ``models.precision_for``.
         optim: the transformers optimizer name.
-        attn_implementation: ``sdpa`` (the default transformers uses) or ``flash_attention_2``.
+        attn_implementation: ``packed_sdpa`` (what training uses), ``sdpa`` (transformers'
+            default) or ``flash_attention_2``.
         save_total_limit: checkpoints kept.
     """
     if method not in ("qlora", "lora", "full"):
@@ -365,7 +376,7 @@ def estimate(config, method: str = "lora", *, seq_tokens: int, tokens_with_loss:
         activations += e_res * h * seq_tokens + e * h * kept  # its normalised input; lm_head's input
     if gradient_checkpointing:
         activations += n_layers * e_res * h * seq_tokens + layer
-        if attn_implementation == "sdpa":
+        if attn_implementation != "flash_attention_2":
             activations += seq_tokens * seq_tokens  # the bool block mask, kept for the recomputation
     else:
         activations += n_layers * layer

@@ -215,4 +215,25 @@ def load_base(model_path: str, method: str, trust_remote_code: bool = False):
         raise explain_load_error(model_path, exc) from exc
     if method != "qlora":
         model.to(place[""])  # "cpu", or this process's GPU (every replica on GPU 0 first could run out)
+    elif prec.device == "cpu":
+        _own_unquantised(model)
     return model, prec
+
+
+def _own_unquantised(model) -> None:
+    """QLoRA on CPU: copy the parameters and buffers bitsandbytes left unquantised (embeddings, norms,
+    the head). Loaded at the checkpoint's dtype they are views into the memory-mapped file, which
+    keeps the mapping, and with it every full-precision Linear weight page read while quantising,
+    resident: measured on the embedded model, 400 MB of the process's 868 MB RSS after loading."""
+    import gc
+
+    from bitsandbytes.nn import Params4bit
+
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not isinstance(param, Params4bit):
+                param.data = param.data.clone()
+        for name, buf in module.named_buffers(recurse=False):
+            if buf is not None:
+                module._buffers[name] = buf.clone()
+    gc.collect()

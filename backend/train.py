@@ -12,7 +12,8 @@ Flow (each step is a function below, in this order):
    assistant turns only (``backend.template.encode``).
 3. ``_setup_model``: load the base for the method (``backend.models.load_base``: 4-bit NF4 for
    qlora, 16-bit for lora, fp32 master weights for full; fp32 compute on CPU) and, for qlora/lora,
-   wrap it with a peft LoRA adapter. This is the only place the method matters. Full fine-tuning
+   wrap it with a peft LoRA adapter. This is the only place the method matters. Attention on
+   packed rows runs per example (``backend.attention``). Full fine-tuning
    with ``ewc_lambda`` also estimates the Fisher diagonal on general data (``backend.ewc``).
 4. ``_trainer``: a transformers ``Trainer`` with padding-free packing
    (``DataCollatorWithFlattening``: a batch is one row of concatenated examples whose
@@ -47,6 +48,7 @@ from transformers import Trainer, TrainerCallback, set_seed
 
 from . import data as data_mod
 from . import models, template
+from .attention import use_packed_attention
 from .config import RunSpec
 from .runs import COMPLETE_MARK, RunFolder
 
@@ -227,6 +229,7 @@ def _setup_model(spec: RunSpec, total_steps: int = 1):
     model, precision = models.load_base(
         models.resolve_model(spec.model.model), spec.model.method, spec.model.trust_remote_code
     )
+    use_packed_attention(model)  # packed rows: attention per example, not over a block-diagonal mask
     if spec.model.method == "full":
         return model, precision
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training

@@ -122,17 +122,21 @@ def test_free_memory_and_disk_of_this_machine(tmp_path):
 
 
 # -- the activation formula against what autograd actually saves -------------------------------
-TINY = {"hidden_size": 64, "intermediate_size": 160, "num_attention_heads": 4, "num_key_value_heads": 2,
+TINY = {"hidden_size": 96, "intermediate_size": 160, "num_attention_heads": 6, "num_key_value_heads": 2,
         "vocab_size": 256, "tie_word_embeddings": True}
 
 
-def _saved_bytes(layers, method, seq_tokens, lora_dropout=0.0, checkpointing=False):
+def _saved_bytes(layers, method, seq_tokens, lora_dropout=0.0, checkpointing=False, attn="packed_sdpa"):
     """Bytes autograd keeps for backward in one training forward (packed row, as the Trainer runs it)."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
+    from backend import attention
+
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, **TINY))
+    if attn == attention.NAME:
+        assert attention.use_packed_attention(model)
     if checkpointing:
         model.activation_checkpointing_enable()
     if method == "lora":
@@ -156,11 +160,13 @@ def _saved_bytes(layers, method, seq_tokens, lora_dropout=0.0, checkpointing=Fal
     return sum(sizes.values())
 
 
+@pytest.mark.parametrize("attn", ["packed_sdpa", "sdpa"])
 @pytest.mark.parametrize("method,lora_dropout", [("full", 0.0), ("lora", 0.0), ("lora", 0.1)])
-def test_activations_per_layer_match_what_autograd_saves_on_cpu(method, lora_dropout):
+def test_activations_per_layer_match_what_autograd_saves_on_cpu(method, lora_dropout, attn):
     seq = 256
-    measured = _saved_bytes(3, method, seq, lora_dropout) - _saved_bytes(2, method, seq, lora_dropout)
-    kw = {"seq_tokens": seq, "r": 8, "target_modules": "all-linear", "lora_dropout": lora_dropout, "device": "cpu"}
+    measured = _saved_bytes(3, method, seq, lora_dropout, attn=attn) - _saved_bytes(2, method, seq, lora_dropout, attn=attn)
+    kw = {"seq_tokens": seq, "r": 8, "target_modules": "all-linear", "lora_dropout": lora_dropout, "device": "cpu",
+          "attn_implementation": attn}
     predicted = (memory.estimate(LlamaConfig(num_hidden_layers=3, **TINY), method, **kw).activations
                  - memory.estimate(LlamaConfig(num_hidden_layers=2, **TINY), method, **kw).activations)
     assert predicted == pytest.approx(measured, rel=0.02)

@@ -36,6 +36,19 @@ def test_every_method_computes_in_fp32_on_cpu_and_says_so():
     assert models.precision_for("full", "cpu").notice is None
 
 
+def test_qlora_on_cpu_lets_go_of_the_memory_mapped_checkpoint(tiny_model_dir):
+    """Unquantised parameters left as views into the mapped file would keep every page of it resident."""
+    import gc
+
+    checkpoint = str(tiny_model_dir / "model.safetensors")
+    model, precision = models.load_base(str(tiny_model_dir), "qlora")
+    gc.collect()
+    assert precision.device == "cpu"
+    assert checkpoint not in open("/proc/self/maps").read()
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.isfinite(model(input_ids=ids).logits).all()  # still a working model
+
+
 @pytest.mark.slow
 def test_embedded_model_converts_once_and_answers_paris(tmp_path, monkeypatch):
     monkeypatch.setenv("STUDIO_HOME", str(tmp_path))
