@@ -40,9 +40,10 @@ Definitions, the same for both variants:
   pairs.
 * **mfu**: ``tokens_per_second * flops_per_token / matmul peak``, the peak measured in this run:
   a square fp32 matmul on CPU, bf16 on CUDA (``matmul_peak``).
-* **estimate_mb** / **estimate_error**: ``memory.estimate_for_spec`` with ``row_tokens`` = the
-  mean tokens per row actually trained, and ``(estimate - measured) / measured``; for ``ours``
-  only (the estimator models our training, not the reference's padded batches).
+* **estimate_mb** / **estimate_error**: ``memory.estimate_for_spec`` for the step with the most
+  positions (the one that peaks), with its packed length and its positions with loss, and
+  ``(estimate - measured) / measured``; for ``ours`` only (the estimator models our training, not
+  the reference's padded batches).
 * **ratio_tokens_per_second** / **ratio_peak_memory** (on the ``ours`` row): ours / reference.
 
 ``--identity`` trains each variant for the spec's epochs (the preset's, a whole run) instead of
@@ -374,10 +375,12 @@ def _row(plan: dict, method: str, variant: str, raw: dict, spec, device: str, pe
         wall_s=raw["wall_s"], identity_s=raw.get("identity_s"), identity_ok=raw.get("identity_ok"),
         identity_answer=raw.get("identity_answer"),
     )
-    if variant == "ours":
+    if variant == "ours":  # for the step that peaks: the one with the most positions
         from .memory import estimate_for_spec
 
-        est = estimate_for_spec(spec, config, device, row_tokens=max(1, round(row["mean_row_tokens"])))
+        big = max(steps, key=lambda s: s["positions"])
+        est = estimate_for_spec(spec, config, device, seq_tokens=big["positions"],
+                                tokens_with_loss=big.get("with_loss"))
         row["estimate_mb"] = round(est.total / 2**20, 1)
         row["estimate_error"] = round((est.total / 2**20 - row["peak_memory_mb"]) / row["peak_memory_mb"], 4)
     return row
@@ -516,25 +519,35 @@ def peak_memory_mb(device: str) -> float:
 class StepCounter:
     """Counts non-padding tokens per training forward, with a pre-hook on the decoder stack.
 
-    ``steps`` gets one ``{"tokens", "rows", "pairs", "positions"}`` per forward in training mode
-    with gradients on (evaluation and generation are not counted): rows are examples (a packed row
-    holds several), ``pairs`` the causal (query, key) pairs of those examples, ``positions`` every
-    input position, padding included.
+    ``steps`` gets one ``{"tokens", "rows", "pairs", "positions", "with_loss"}`` per forward in
+    training mode with gradients on (evaluation and generation are not counted): rows are examples
+    (a packed row holds several), ``pairs`` the causal (query, key) pairs of those examples,
+    ``positions`` every input position, padding included, and ``with_loss`` the positions projected
+    onto the vocabulary (the model's ``logits_to_keep`` when it is a list of positions, as ours
+    passes; else every position), seen by a second pre-hook on the outer model.
     """
 
     def __init__(self):
         self.steps: list[dict] = []
+        self._keep = None
 
     def attach(self, model) -> None:
+        model.register_forward_pre_hook(self._outer, with_kwargs=True)
         inner = getattr(model, "base_model", None) or model  # LlamaForCausalLM.model, called as a module
         inner.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _outer(self, module, args, kwargs):
+        self._keep = kwargs.get("logits_to_keep")
 
     def _hook(self, module, args, kwargs):
         import torch
 
         if module.training and torch.is_grad_enabled():
             ids = kwargs.get("input_ids", args[0] if args else None)
-            self.steps.append(batch_stats(ids, kwargs.get("attention_mask"), kwargs.get("position_ids")))
+            stats = batch_stats(ids, kwargs.get("attention_mask"), kwargs.get("position_ids"))
+            keep = self._keep
+            stats["with_loss"] = int(keep.numel()) if isinstance(keep, torch.Tensor) else stats["positions"]
+            self.steps.append(stats)
 
 
 def batch_stats(input_ids, attention_mask=None, position_ids=None) -> dict:

@@ -47,18 +47,23 @@ saved and the loss gradient has just been made):
 * **step_scratch**: ``adamw_torch`` on CUDA is the foreach implementation, which makes one fp32
   temporary the size of all trainable parameters (sqrt of the second moment) during the step,
   after activations are freed.
+* **heap**: CPU, LoRA/QLoRA only: freed memory that glibc's heap still holds at the peak,
+  ``CPU_HEAP_PER_LORA_OUTPUT`` x the LoRA layers' outputs (a measured factor, see the constant).
 * **overhead**: the CUDA context, or on CPU the process itself (constants below).
 
-Checked on CPU: SmolLM2-135M, lora all-linear r=16, no dropout, 8 rows of ~212 tokens (1,694
-packed, 1,021 with loss): estimated 4,105 MiB, measured 4,156 MiB peak RSS. The CUDA-only terms
-(bool dropout masks, autocast copies, the memory-efficient kernel keeping its mask, foreach Adam)
-come from reading the torch and peft code paths and have not yet been measured on a GPU.
+Checked on CPU by ``python -m backend bench`` (SmolLM2-135M, all-linear r=16, 8 identity rows a
+step; the estimate for the largest step, 1,091 tokens; 2026-11-29): qlora 3,804 MiB peak RSS,
+lora 3,948, full 4,355 (see README, Benchmarks, for the estimate's error). Against the live peak
+alone (``MALLOC_MMAP_THRESHOLD_=131072`` returns every freed tensor to the system at once):
+qlora 2,571 and lora 2,915 MiB, estimated without the heap term at 2,521 and 2,874; full 4,012,
+estimated at 4,473 (its weight gradients are counted whole, though the first ones are made while
+the last activations are freed). The CUDA-only terms (bool dropout masks, autocast copies, the
+memory-efficient kernel keeping its mask, foreach Adam) come from reading the torch and peft code
+paths and have not yet been measured on a GPU.
 
-Not counted: allocator fragmentation. On CUDA the caching allocator typically adds 5-15 %. On
-CPU, glibc's growing mmap threshold keeps freed activation memory in the heap from one step to
-the next: the run above peaks at 4,156 MiB in step 1 and 5,988 MiB from step 2 on, but stays at
-4,156 MiB with ``MALLOC_MMAP_THRESHOLD_=131072``. Also not counted: the qlora weight dequantised
-one layer at a time, RoPE tables, the dataset, DoRA's magnitude vectors, ``modules_to_save``.
+Not counted: allocator fragmentation on CUDA (the caching allocator typically adds 5-15 %), the
+qlora weight dequantised one layer at a time, RoPE tables, the dataset, DoRA's magnitude vectors,
+``modules_to_save``.
 """
 
 from __future__ import annotations
@@ -81,6 +86,14 @@ CUDA_CONTEXT_BYTES = 500 * MiB
 # Resident memory of a CPU training process before the model loads: python + torch + transformers
 # + peft + datasets + the Trainer imported (measured 504 MiB RSS, torch 2.13 CPU, transformers 5.24).
 CPU_PROCESS_BYTES = 500 * MiB
+# CPU, LoRA/QLoRA: freed memory glibc's heap holds at the peak beyond the live tensors, per byte of
+# LoRA layer output (out_features x 4 B per token, summed over the targeted Linears): peft's forward
+# makes and frees output-sized temporaries in every adapted layer (lora_B's output, its scaled copy,
+# the replaced sum), and the heap does not hand those holes back. Measured by the benchmark
+# (SmolLM2-135M, all-linear r=16, 8 identity rows a step; live peak from a run with
+# MALLOC_MMAP_THRESHOLD_=131072, which returns every freed tensor at once but halves the speed):
+# lora 1.6x, qlora 1.9x. Full fine-tuning makes no such temporaries: peak RSS within 9 % of live.
+CPU_HEAP_PER_LORA_OUTPUT = 1.75
 # Per checkpoint and per result folder besides weights and optimizer: tokenizer files (tokenizer.json
 # is 2-17 MB for common models), trainer/scheduler/RNG state (a few KB).
 CHECKPOINT_EXTRA_BYTES = 16 * MiB
@@ -112,6 +125,7 @@ class Estimate:
     weight_copies: int
     activations: int
     logits: int
+    heap: int                   # CPU LoRA/QLoRA: freed memory glibc keeps (CPU_HEAP_PER_LORA_OUTPUT)
     step_scratch: int
     overhead: int
     total: int
@@ -122,7 +136,7 @@ class Estimate:
 
     def breakdown(self) -> dict[str, int]:
         """Memory terms for display, largest meaning first; they add up to ``total``."""
-        backward = self.weight_copies + self.activations + self.logits
+        backward = self.weight_copies + self.activations + self.logits + self.heap
         rows = {
             "weights": self.weights,
             "lora_params": self.lora_params,
@@ -130,7 +144,8 @@ class Estimate:
             "optimizer": self.optimizer,
         }
         if backward >= self.step_scratch:
-            rows.update(weight_copies=self.weight_copies, activations=self.activations, logits=self.logits)
+            rows.update(weight_copies=self.weight_copies, activations=self.activations, logits=self.logits,
+                        heap=self.heap)
         else:
             rows["step_scratch"] = self.step_scratch
         rows["overhead"] = self.overhead
@@ -381,10 +396,13 @@ def estimate(config, method: str = "lora", *, seq_tokens: int, tokens_with_loss:
     else:
         activations += n_layers * layer
     logits = 3 * 4 * kept * vocab
+    heap = 0
+    if cpu and method != "full":
+        heap = round(CPU_HEAP_PER_LORA_OUTPUT * sum(o for _, _, o in targets) * 4 * seq_tokens)
 
     overhead = CPU_PROCESS_BYTES if cpu else CUDA_CONTEXT_BYTES
     static = weights + lora_params + gradients + optimizer + overhead
-    total = static + max(weight_copies + activations + logits, step_scratch)
+    total = static + max(weight_copies + activations + logits + heap, step_scratch)
 
     if prec.notice:
         notes.append(prec.notice)
@@ -395,7 +413,7 @@ def estimate(config, method: str = "lora", *, seq_tokens: int, tokens_with_loss:
     return Estimate(method=method, device=device, seq_tokens=seq_tokens, params=inv.params,
                     trainable=trainable, weights=weights, lora_params=lora_params, gradients=gradients,
                     optimizer=optimizer, weight_copies=weight_copies, activations=activations,
-                    logits=logits, step_scratch=step_scratch, overhead=overhead, total=total,
+                    logits=logits, heap=heap, step_scratch=step_scratch, overhead=overhead, total=total,
                     disk_per_checkpoint=disk_ckpt, disk_result=disk_result, disk_total=disk_total,
                     notes=notes)
 
@@ -414,15 +432,16 @@ def disk(params: int, trainable: int, method: str, optim: str, save_total_limit:
     return per_checkpoint, result, result + (save_total_limit + 1) * per_checkpoint
 
 
-def estimate_for_spec(spec, model_config=None, device: str | None = None,
-                      row_tokens: int | None = None) -> Estimate:
+def estimate_for_spec(spec, model_config=None, device: str | None = None, row_tokens: int | None = None,
+                      seq_tokens: int | None = None, tokens_with_loss: int | None = None) -> Estimate:
     """The estimate for a RunSpec.
 
     A step packs ``per_device_train_batch_size`` rows into one. With ``row_tokens`` (e.g. the
     dataset's 95th-percentile row length) a step is taken as that many tokens per row; without it,
     as ``max_length`` per row: an upper bound. All tokens are counted as carrying loss (prompts do
-    not, so this errs high). ``model_config`` defaults to the spec's model's config; ``device`` to
-    this machine's.
+    not, so this errs high) unless ``tokens_with_loss`` says how many do. ``seq_tokens`` gives a
+    step's packed length directly (the benchmark's largest step). ``model_config`` defaults to the
+    spec's model's config; ``device`` to this machine's.
     """
     from . import models
 
@@ -434,9 +453,9 @@ def estimate_for_spec(spec, model_config=None, device: str | None = None,
         model_config = shipped_config(spec.model.model) or AutoConfig.from_pretrained(
             models.resolve_model(spec.model.model), **models.hub_kwargs(spec.model.trust_remote_code))
     t, lo = spec.train, spec.lora
-    return estimate(model_config, spec.model.method,
-                    seq_tokens=t.per_device_train_batch_size * min(row_tokens or spec.data.max_length,
-                                                                   spec.data.max_length),
+    if seq_tokens is None:
+        seq_tokens = t.per_device_train_batch_size * min(row_tokens or spec.data.max_length, spec.data.max_length)
+    return estimate(model_config, spec.model.method, seq_tokens=seq_tokens, tokens_with_loss=tokens_with_loss,
                     r=lo.r, target_modules=lo.target_modules, lora_dropout=lo.lora_dropout,
                     gradient_checkpointing=t.gradient_checkpointing, device=device or models.device(),
                     optim=t.optim, save_total_limit=t.save_total_limit,

@@ -91,7 +91,10 @@ def test_step_counter_counts_training_forwards_only(tiny_model_dir, tokenizer):
     model.eval()
     with torch.no_grad():
         model(**batch)
-    assert counter.steps == [{"tokens": 4, "rows": 2, "pairs": 6 + 1, "positions": 6}]
+    assert counter.steps == [{"tokens": 4, "rows": 2, "pairs": 6 + 1, "positions": 6, "with_loss": 6}]
+    model.train()  # ours projects only the positions with loss (StudioTrainer's logits_to_keep)
+    model(input_ids=torch.tensor([[5, 6, 7, 8]]), logits_to_keep=torch.tensor([1, 2]))
+    assert counter.steps[-1]["with_loss"] == 2 and counter.steps[-1]["positions"] == 4
 
 
 def test_model_flops_follow_the_documented_formula():

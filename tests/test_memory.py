@@ -105,7 +105,10 @@ def test_estimate_for_spec_on_the_embedded_models_config():
     assert all(v > 0 for v in est.breakdown().values())
     qlora = memory.estimate_for_spec(RunSpec.from_flat({"method": "qlora", **shape}), config, "cpu")
     full = memory.estimate_for_spec(RunSpec.from_flat({"method": "full", **shape}), config, "cpu")
-    assert qlora.total < est.total < full.total
+    assert qlora.total < est.total and est.heap > 0 and full.heap == 0  # glibc keeps LoRA's temporaries
+    on_gpu = [memory.estimate_for_spec(RunSpec.from_flat({"method": m, **shape}), config, "cuda")
+              for m in ("qlora", "lora", "full")]
+    assert on_gpu[0].total < on_gpu[1].total < on_gpu[2].total and not any(e.heap for e in on_gpu)
 
 
 def test_bad_arguments_are_named(llama8b):
