@@ -392,9 +392,11 @@ class Queue:
         now = time.time()
         notices = status.get("notices") or []
         notices = notices + [n for n in job.notices if n not in notices]  # train.py rewrites the list
+        # the process ended while the forgetting meter asked its questions: it will not answer now
+        meter = {"forgetting": "stopped"} if status.get("forgetting") == "measuring" else {}
         if not self._transition(run_id, ("running",), state=state, ended_at=now, error=error,
                                 then=lambda: run.set_status(state, ended_at=status.get("ended_at") or now,
-                                                            error=error, notices=notices)):
+                                                            error=error, notices=notices, **meter)):
             return self.get(run_id)  # someone else recorded it first
         if state == "failed" and _is_out_of_memory(error):
             self._retry_smaller(self.get(run_id))

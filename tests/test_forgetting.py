@@ -170,3 +170,19 @@ def test_the_result_is_in_the_playground_while_the_meter_asks_its_questions(tmp_
     assert seen["listed"] == [job.run_id]
     assert "Forgetting: asking the general questions" in seen["detail"]
     assert "Forgetting: kept" in detail_markdown(service.run_view(job.run_dir))
+
+
+def test_a_meter_stopped_by_the_process_ending_is_said_so(tmp_path, tiny_model_dir, tiny_data, home):
+    from backend import service
+    from backend.jobs import Queue
+    from backend.runs import RunFolder
+    from ui.runs_tab import detail_markdown
+
+    queue = Queue(db_path=tmp_path / "jobs.sqlite3", runs_root=tmp_path / "runs")
+    job = queue.submit(tiny_spec(tiny_model_dir, tiny_data, max_steps=2, measure_forgetting=True))
+    queue.claim("cpu", lambda j: subprocess.Popen(["true"]))
+    RunFolder(job.run_dir).set_status("completed", forgetting="measuring")  # then the process was killed
+    queue.finish(job.run_id, returncode=-9)
+    assert queue.get(job.run_id).state == "completed"
+    detail = detail_markdown(service.run_view(job.run_dir))
+    assert "asking the general questions" not in detail and "Measure forgetting in the Playground asks again" in detail

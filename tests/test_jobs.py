@@ -280,13 +280,13 @@ def test_recover_settles_running_jobs_whose_process_is_gone(db, tiny):
             conn.execute("UPDATE jobs SET state='running', pid=?, pid_start=?, device='cpu' WHERE run_id=?",
                          (pid, start, job.run_id))
             RunFolder(job.run_dir).set_status("running")
-    RunFolder(done.run_dir).set_status("completed")
+    RunFolder(done.run_dir).set_status("completed", forgetting="measuring")  # killed while the meter ran
 
     settled = Queue(*db[0]).recover()  # a restart
     assert sorted(j.run_id for j in settled) == sorted(j.run_id for j in (dead, reused, done))
     assert state(queue, dead) == "interrupted" and RunFolder(dead.run_dir).status()["state"] == "interrupted"
     assert state(queue, reused) == "queued" and queue.get(reused.run_id).resume  # auto_resume
-    assert state(queue, done) == "completed"
+    assert state(queue, done) == "completed" and RunFolder(done.run_dir).status()["forgetting"] == "stopped"
     assert state(queue, alive) == "running"
     with sqlite3.connect(db[0][0]) as conn:  # leave nothing for the fixture to kill (it is us)
         conn.execute("UPDATE jobs SET state='interrupted' WHERE run_id=?", (alive.run_id,))

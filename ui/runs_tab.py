@@ -35,6 +35,8 @@ def detail_markdown(view: dict) -> str:
         text += f"\n\nForgetting: kept {f['kept']} of {f['n']} general answers" + (f" (lost: {lost})" if lost else "")
     elif view.get("forgetting_state") == "measuring":
         text += "\n\nForgetting: asking the general questions of base and tuned model..."
+    elif view.get("forgetting_state") == "stopped":
+        text += "\n\nForgetting: the process ended before the meter finished; Measure forgetting in the Playground asks again."
     for notice in view["notices"]:
         text += f"\n\n> {notice}"
     if view["error"]:
