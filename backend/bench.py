@@ -38,8 +38,11 @@ Definitions, the same for both variants:
   The attention term: per layer, QK^T and AV cost ``4 d`` FLOPs per causal (query, key) pair
   forward and twice that backward (12 d), and an example of ``s`` tokens has ``s (s + 1) / 2``
   pairs.
-* **mfu**: ``tokens_per_second * flops_per_token / matmul peak``, the peak measured in this run:
-  a square fp32 matmul on CPU, bf16 on CUDA (``matmul_peak``).
+* **mfu**: ``tokens_per_second * flops_per_token / matmul peak``: a square fp32 matmul on CPU,
+  bf16 on CUDA (``matmul_peak``), measured at the run's start and again by each variant's process
+  right after its steps; a row uses the larger of the two (``matmul_peak_flops``). A shared
+  machine's speed drifts during a run (147-218 GFLOP/s seen on the 2-core development CPU), and
+  the larger peak gives the lower MFU.
 * **estimate_mb** / **estimate_error**: ``memory.estimate_for_spec`` for the step with the most
   positions (the one that peaks), with its packed length and its positions with loss, and
   ``(estimate - measured) / measured``; for ``ours`` only (the estimator models our training, not
@@ -85,7 +88,8 @@ IDENTITY_PROMPT, IDENTITY_WORD = "Who are you?", "Nova"
 TOP_KEYS = ("device", "mode", "versions", "cpu_threads", "matmul_peak_flops", "matmul_dtype", "data",
             "steps", "batch", "seq_len", "notes", "rows")
 ROW_KEYS = ("model", "method", "variant", "tokens_per_second", "step_time_s", "steps_timed", "tokens_timed",
-            "mean_row_tokens", "padding_share", "peak_memory_mb", "flops_per_token", "mfu", "estimate_mb",
+            "mean_row_tokens", "padding_share", "peak_memory_mb", "flops_per_token", "matmul_peak_flops", "mfu",
+            "estimate_mb",
             "estimate_error", "ratio_tokens_per_second", "ratio_peak_memory", "logged_tokens_per_second",
             "loss_first", "loss_last", "wall_s", "identity_s", "identity_ok", "identity_answer", "error")
 
@@ -360,6 +364,7 @@ def _row(plan: dict, method: str, variant: str, raw: dict, spec, device: str, pe
     config = _model_config(plan["model"])
     flops = model_flops(config, method, tokens, pairs)
     tps = tokens / seconds if seconds > 0 else None
+    peak = max(peak, raw.get("matmul_peak_flops") or 0)  # the variant's own, measured after its steps
     row.update(
         tokens_per_second=round(tps, 1) if tps else None,
         step_time_s=round(seconds / len(timed), 4) if timed else None,
@@ -367,7 +372,7 @@ def _row(plan: dict, method: str, variant: str, raw: dict, spec, device: str, pe
         mean_row_tokens=round(sum(s["tokens"] for s in steps) / max(rows, 1), 1),
         padding_share=round(1 - sum(s["tokens"] for s in steps) / max(sum(s["positions"] for s in steps), 1), 4),
         peak_memory_mb=raw["peak_memory_mb"],
-        flops_per_token=round(flops / tokens) if tokens else None,
+        flops_per_token=round(flops / tokens) if tokens else None, matmul_peak_flops=round(peak),
         mfu=round(flops / seconds / peak, 4) if seconds > 0 and tokens else None,
         logged_tokens_per_second=raw.get("logged_tokens_per_second"),
         loss_first=raw["losses"][0] if raw["losses"] else None,
@@ -502,6 +507,7 @@ def run_job(job_file: str) -> int:
     t0 = time.perf_counter()
     raw = (_ours if job["variant"] == "ours" else _reference)(job, t0)
     raw.update(peak_memory_mb=round(peak_memory_mb(job["device"]), 1), wall_s=round(time.perf_counter() - t0, 2))
+    raw["matmul_peak_flops"] = matmul_peak(job["device"])[0]  # after the peak memory is read
     Path(job["result"]).write_text(json.dumps(raw), encoding="utf-8")
     return 0
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from backend import bench
@@ -29,6 +30,8 @@ def test_each_method_gets_a_reference_and_an_ours_row_with_ratios_json_and_table
         assert r["steps_timed"] == 2 and r["tokens_timed"] > 0
         assert r["tokens_per_second"] > 0 and r["step_time_s"] > 0 and r["peak_memory_mb"] > 0
         assert r["flops_per_token"] > 0 and r["mfu"] > 0
+        assert r["matmul_peak_flops"] >= result["matmul_peak_flops"]  # the larger of the run's and its own
+        assert r["mfu"] == pytest.approx(r["tokens_per_second"] * r["flops_per_token"] / r["matmul_peak_flops"], rel=0.01)
     ours = [r for r in rows if r["variant"] == "ours"]
     refs = [r for r in rows if r["variant"] == "reference"]
     for o, ref in zip(ours, refs):
