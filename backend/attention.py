@@ -29,8 +29,10 @@ _bounds_of: tuple = (None, None)  # (position_ids, bounds): every layer of one f
 
 
 def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """transformers' attention-function signature; query/key/value are (batch, heads, seq, dim)."""
-    bounds = _example_bounds(module, query, key, kwargs.get("position_ids"))
+    """transformers' attention-function signature; query/key/value are (batch, heads, seq, dim).
+    A sliding-window layer (Mistral, some Qwen2 layers) takes transformers' sdpa, whose mask
+    carries the window."""
+    bounds = None if kwargs.get("sliding_window") else _example_bounds(module, query, key, kwargs.get("position_ids"))
     if bounds is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)

@@ -67,3 +67,19 @@ def test_training_uses_it_and_the_saved_model_loads_with_sdpa(tiny_model_dir, ti
     assert attention.NAME not in (tmp_path / "saved" / "config.json").read_text()
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
     assert reloaded.config._attn_implementation == "sdpa"
+
+
+def test_a_sliding_window_layer_keeps_its_window(monkeypatch):
+    """Mistral-style layers pass ``sliding_window``; the per-example path would ignore it."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=4)
+    model = MistralForCausalLM(config).eval()
+    _, batch = packed_batch(config.vocab_size)  # examples longer than the window
+    with torch.no_grad():
+        masked = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        assert attention.use_packed_attention(model)
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    torch.testing.assert_close(packed, masked)
