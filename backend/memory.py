@@ -260,14 +260,12 @@ def _layer_activation_bytes(config, layer_linears, targets: set[str], *, method:
 
     Per token (h hidden, i MLP width, q = heads*head_dim, e = 4 B on CPU and 2 B on CUDA):
     each RMSNorm saves its input upcast to fp32 (4h) and 1/rms; attention saves the log-sum-exp
-    (4*heads) and, with ``packed_sdpa`` (what training uses, ``backend.attention``), q, k, v and
-    each example's output ((2q + 2kv)*e; their concatenation, which o_proj reads, is a copy that
-    o_proj keeps only if it needs its input: q*e more when it trains or has LoRA without dropout); with plain
-    SDPA q, k and v repeated to every head, the output (4q*e) and that layer's float copy of the
-    packed s x s mask (s*e per token); with flash_attention_2 q, k, v, output ((2q + 2kv)*e).
-    The SwiGLU MLP saves
-    gate_proj's output, SiLU's output, up_proj's output (3i*e) and, when down_proj trains, its
-    input (i*e). Full fine-tuning adds each norm's normalised input for the norm weight's
+    (4*heads) and q, k, v and the output: with ``packed_sdpa`` (what training uses,
+    ``backend.attention``) and flash_attention_2 (2q + 2kv)*e, but packed_sdpa's o_proj reads a
+    concatenated copy, kept (q*e more) when o_proj trains or has LoRA without dropout; with plain
+    SDPA k and v repeated to every head (4q*e) and that layer's float copy of the packed s x s
+    mask (s*e per token). The SwiGLU MLP saves gate_proj's output, SiLU's output, up_proj's
+    output (3i*e) and, when down_proj trains, its input (i*e). Full fine-tuning adds each norm's normalised input for the norm weight's
     gradient and the norm output that the next Linear keeps (under CUDA autocast, one 16-bit copy
     per Linear that reads it: q/k/v and gate/up). LoRA adds per targeted Linear with n inputs:
     with dropout, the dropout mask (float on CPU, bool on CUDA) and lora_A's input (2n on CPU, 3n
@@ -285,12 +283,10 @@ def _layer_activation_bytes(config, layer_linears, targets: set[str], *, method:
 
     per_token = 2 * (4 * h + 4)
     attn_out_copy = attn_implementation == "packed_sdpa"  # o_proj reads a copy, not the kernel's output
-    if attn_implementation == "packed_sdpa":
+    if attn_implementation in ("packed_sdpa", "flash_attention_2"):  # k, v unrepeated, no mask
         per_token += (2 * q + 2 * kv) * e
     elif attn_implementation == "sdpa":
         per_token += 4 * q * e + seq_tokens * e
-    elif attn_implementation == "flash_attention_2":
-        per_token += (2 * q + 2 * kv) * e
     else:
         raise ValueError(f"attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, "
                          f"not {attn_implementation!r}")
