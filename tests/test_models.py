@@ -36,12 +36,14 @@ def test_every_method_computes_in_fp32_on_cpu_and_says_so():
     assert models.precision_for("full", "cpu").notice is None
 
 
-def test_qlora_on_cpu_lets_go_of_the_memory_mapped_checkpoint(tiny_model_dir):
+def test_qlora_on_cpu_lets_go_of_the_memory_mapped_checkpoint(tiny_model_dir, tmp_path):
     """Unquantised parameters left as views into the mapped file would keep every page of it resident."""
     import gc
+    import shutil
 
-    checkpoint = str(tiny_model_dir / "model.safetensors")
-    model, precision = models.load_base(str(tiny_model_dir), "qlora")
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "own")  # no other test's model maps this copy
+    checkpoint = str(folder / "model.safetensors")
+    model, precision = models.load_base(str(folder), "qlora")
     gc.collect()
     assert precision.device == "cpu"
     assert checkpoint not in open("/proc/self/maps").read()
