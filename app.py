@@ -20,14 +20,19 @@ Space's owner is the admin.
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 import gradio as gr
+from starlette.middleware import Middleware
 
-from backend import data, playground, service
+from backend import access, data, playground, service
 from backend.config import ConfigError
 from backend.jobs import Queue, Worker
+from ui.common import job_of
 from ui.data_tab import create_data_tab
 from ui.export_tab import create_export_tab
+from ui.http import BodyLimit, max_body_size
 from ui.i18n import i18n, t
 from ui.playground_tab import create_playground_tab
 from ui.runs_tab import create_runs_tab
@@ -57,17 +62,18 @@ def build_ui(queue: Queue | None = None) -> gr.Blocks:
     # every run would be queued without its owner
     def submit(request: gr.Request, data_path, fmt, mapping, *values):
         *values, row_tokens = values
-        owner = service.user_of(request)
-        if ON_SPACES and not owner:
+        caller = service.caller(request)
+        if ON_SPACES and not caller.user:
             return "**Error:** sign in with Hugging Face (top of the page) to queue runs."
         try:
             v, preset = form_values(data_path, fmt, mapping, *values)
-            run_id = service.submit(queue, v, preset, owner=owner, row_tokens=row_tokens)
-        except (ConfigError, data.DataError, ValueError) as exc:
-            return f"**Error:** {exc}"
+            run_id = service.submit(queue, v, preset, caller=caller, row_tokens=row_tokens)
+        except (ConfigError, data.DataError, ValueError, access.AccessError) as exc:
+            return f"**Error:** {access.redact(str(exc))}"
         return f"Queued **{run_id}**: follow it in the Runs tab."
 
-    with gr.Blocks(title="Fine-tuning studio") as demo:
+    # Gradio's own copies of uploads go after a day (ours: service.sweep_uploads)
+    with gr.Blocks(title="Fine-tuning studio", delete_cache=(3600, 86400)) as demo:
         gr.Markdown("# Fine-tuning studio")
         if ON_SPACES:
             gr.LoginButton()
@@ -83,16 +89,20 @@ def build_ui(queue: Queue | None = None) -> gr.Blocks:
             export_run = create_export_tab(queue)
         demo.load(refresh, [run_id], outputs, api_visibility="private")
         playground_tab.select(refresh_runs, [play_run], [play_run, play_others], api_visibility="private")
-        export_tab.select(lambda v: refresh_runs(v)[0], [export_run], [export_run], api_visibility="private")
+
+        def export_runs(current, request: gr.Request):
+            return refresh_runs(current, request)[0]
+
+        export_tab.select(export_runs, [export_run], [export_run], api_visibility="private")
         # a plot drawn while its tab was hidden has no size: clear it and draw it again when shown
         runs_tab.select(lambda: (None, ""), None, [outputs[3], shown], api_visibility="private").then(
             refresh, [run_id, shown], outputs, api_visibility="private")
 
-        def list_runs() -> list:
-            return service.jobs_table(queue)
+        def list_runs(request: gr.Request) -> list:
+            return service.jobs_table(queue, service.caller(request))
 
-        def run_status(run_id: str) -> dict:
-            return service.run_view(queue.get(run_id).run_dir)
+        def run_status(run_id: str, request: gr.Request) -> dict:
+            return service.run_view(job_of(queue, run_id, request).run_dir)
 
         gr.api(list_runs, api_name="list")
         gr.api(run_status, api_name="status")
@@ -104,21 +114,33 @@ def build_ui(queue: Queue | None = None) -> gr.Blocks:
 
 def launch(demo: gr.Blocks, **overrides):
     """Launch with the settings from the environment (tests override host, port, blocking)."""
-    auth = os.environ.get("STUDIO_AUTH")
+    credentials = service.auth_credentials()
     options = dict(
         server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
         server_port=int(os.environ.get("PORT") or os.environ.get("GRADIO_SERVER_PORT") or 7860),
-        auth=tuple(auth.split(":", 1)) if auth and not ON_SPACES else None,
+        auth=credentials if credentials and not ON_SPACES else None,
         max_file_size=os.environ.get("STUDIO_MAX_FILE_SIZE", "200mb"),
+        app_kwargs={"middleware": [Middleware(BodyLimit, limit=max_body_size())]},
         i18n=i18n,
     )
     return demo.launch(**{**options, **overrides})
+
+
+def _sweep_uploads(queue: Queue, every_s: float = 3600) -> None:
+    """Uploads no run uses are deleted after STUDIO_UPLOAD_TTL (default a day), checked hourly."""
+    while True:
+        try:
+            service.sweep_uploads(queue)
+        except OSError as exc:
+            print(f"upload sweep failed: {exc}", flush=True)
+        time.sleep(every_s)
 
 
 def main() -> None:
     queue = Queue()
     # recovers interrupted jobs, then runs the queue in order; the playground's models make room
     Worker(queue, on_launch=playground.CACHE.release).start()
+    threading.Thread(target=_sweep_uploads, args=(queue,), name="studio-uploads", daemon=True).start()
     launch(build_ui(queue))
 
 

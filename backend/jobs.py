@@ -67,6 +67,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .access import AccessError, Caller, may_access
 from .config import RunSpec
 from .paths import local_home, studio_home
 from .runs import RunFolder
@@ -310,9 +311,11 @@ class Queue:
         shutil.rmtree(job.run_dir, ignore_errors=True)
 
     def _owned(self, run_id: str, user: str | None, admin: bool) -> Job:
+        """The job, if ``user`` may change it (``access.may_access``); ``user`` None: the machine's
+        owner (the CLI, tests)."""
         job = self.get(run_id)
-        if job.owner and not admin and user != job.owner:
-            raise PermissionError(f"{run_id} belongs to {job.owner!r}")
+        if user is not None and not may_access(job.owner, Caller(user, admin)):
+            raise AccessError(f"no run {run_id!r} of yours")
         return job
 
     def _requeue(self, job: Job, resume: bool) -> bool:

@@ -16,27 +16,62 @@ from pathlib import Path
 
 import yaml
 
-from . import data, export, forgetting, models, template
+from . import access, data, export, forgetting, models, template
+from .access import Caller
 from .config import SECTIONS, RunSpec
 from .paths import studio_home
 from .presets import build_spec
 from .runs import RunFolder, overfitting_signal
 
 
-def store_upload(path: str, root: str | Path | None = None) -> str:
-    """Copy an upload into ``STUDIO_HOME/uploads`` (named by content hash) so queued runs can read it
-    after the web server's temporary files are gone. The content is checked by ``data``, not the
-    extension alone."""
+UPLOAD_TTL_S = 24 * 3600  # default of STUDIO_UPLOAD_TTL: an upload no run uses is deleted after this
+
+
+def store_upload(path: str, root: str | Path | None = None, user: str = "") -> str:
+    """Copy an upload into the user's own ``STUDIO_HOME/uploads/<user>/`` (named by content hash)
+    so queued runs can read it after the web server's temporary files are gone, and only its
+    uploader may name it in a run (``access.confine_paths``). The content is checked by ``data``,
+    not the extension alone."""
     src = Path(path)
     if src.suffix.lower() not in data.SUFFIXES:
         raise data.DataError(f"{src.name}: unsupported file type (expected {', '.join(data.SUFFIXES)})")
     digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
-    folder = Path(root) if root else studio_home() / "uploads"
+    folder = Path(root) if root else access.uploads_dir(user)
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{digest}-{src.name}"
     if not target.exists():
         shutil.copyfile(src, target)
+    else:
+        target.touch()  # used again: the sweep counts its age from now
     return str(target)
+
+
+def upload_ttl_s() -> float:
+    value = os.environ.get("STUDIO_UPLOAD_TTL", "").strip()
+    return float(value) if value else UPLOAD_TTL_S
+
+
+def sweep_uploads(queue, ttl_s: float | None = None, now: float | None = None) -> list[Path]:
+    """Delete uploads older than ``ttl_s`` that no queued or running run still reads (a run copies
+    its data into ``RUN_DIR/data/`` when it starts). Returns what was deleted."""
+    ttl_s = upload_ttl_s() if ttl_s is None else ttl_s
+    now = time.time() if now is None else now
+    root = studio_home() / "uploads"
+    in_use = set()
+    for job in queue.list():
+        if job.state in ("queued", "running") or (job.state in ("interrupted", "failed", "cancelled")
+                                                   and not job.run.data_dir.exists()):
+            try:
+                d = job.run.spec().data
+            except (OSError, ValueError):
+                continue
+            in_use |= {str(Path(p).resolve()) for p in (d.data, d.mix_data) if p}
+    deleted = []
+    for path in root.glob("*/*") if root.exists() else []:
+        if path.is_file() and now - path.stat().st_mtime > ttl_s and str(path.resolve()) not in in_use:
+            path.unlink(missing_ok=True)
+            deleted.append(path)
+    return deleted
 
 
 def parse_mapping(text: str | None) -> dict:
@@ -59,12 +94,30 @@ def preview(path: str, fmt: str = "auto", mapping: str = "", model: str | None =
                         max_length=int(max_length), system_prompt=system_prompt).summary
 
 
-def make_spec(values: dict, preset: str | None = None) -> RunSpec:
-    """A resolved RunSpec from form values (flat keys as in ``--set``); empty values are dropped."""
+def check_upload(path: str, user: str, fmt: str = "auto", mapping: str = "", system_prompt: str | None = None,
+                 max_length: int = 1024) -> tuple[str, dict]:
+    """Store a web upload for ``user`` and summarise it; a file that does not read as a dataset
+    is deleted again (nothing of a rejected upload stays). Returns (stored path, summary)."""
+    stored = store_upload(path, user=user)
+    try:
+        return stored, preview(stored, fmt, mapping, None, system_prompt, max_length)
+    except data.DataError:
+        Path(stored).unlink(missing_ok=True)
+        raise
+
+
+def make_spec(values: dict, preset: str | None = None, caller: Caller | None = None) -> RunSpec:
+    """A resolved RunSpec from form values (flat keys as in ``--set``); empty values are dropped.
+    ``caller``: a web user, whose file settings are confined (``access.confine_paths``); None
+    for the machine's owner (the CLI)."""
     clean = {k: v for k, v in values.items() if v not in (None, "")}
     if clean.get("model") in ("embedded", "default"):
         clean.pop("model")
-    return build_spec(clean, preset or None)
+    spec = build_spec(clean, preset or None)
+    if caller is not None:
+        access.confine_paths({k: v for section in spec.to_dict().values() if isinstance(section, dict)
+                              for k, v in section.items()}, caller)
+    return spec
 
 
 def cli_command(spec: RunSpec, out: str = "runs/my-run") -> str:
@@ -101,27 +154,27 @@ def run_view(run_dir: str | Path, log_lines: int = 20) -> dict:
         "progress": step / total if total else 0.0, "eta_s": status.get("eta_s"),
         "elapsed_s": status.get("elapsed_s"), "tokens_per_second": status.get("tokens_per_second"),
         "peak_memory_mb": status.get("peak_memory_mb"), "estimated_peak_mb": status.get("estimated_peak_mb"),
-        "error": status.get("error"),
-        "notices": (status.get("notices") or []) + [w for w in [overfitting_signal(metrics)] if w],
+        "error": access.redact(status.get("error")),
+        "notices": [access.redact(n) for n in status.get("notices") or []] + [w for w in [overfitting_signal(metrics)] if w],
         "best_step": status.get("best_step"), "stopped_early": status.get("stopped_early"),
         "loss": [{"step": m["step"], "loss": m["loss"], "kind": "train"} for m in metrics if "loss" in m]
         + [{"step": m["step"], "loss": m["eval_loss"], "kind": "eval"} for m in metrics if "eval_loss" in m],
-        "log": log, "result": run.result_dir().name if run.result_dir() else None,
+        "log": [access.redact(line) for line in log], "result": run.result_dir().name if run.result_dir() else None,
         "forgetting": forgetting.read(run_dir), "forgetting_state": status.get("forgetting"),
     }
 
 
-def finished_runs(queue) -> list[str]:
-    """The queue's runs with a result to load, oldest first: those whose run folder says completed
+def finished_runs(queue, caller: Caller) -> list[str]:
+    """``caller``'s runs with a result to load, oldest first: those whose run folder says completed
     (the job itself stays running while the forgetting meter asks its questions)."""
-    return [j.run_id for j in queue.list()
+    return [j.run_id for j in access.visible_jobs(queue, caller)
             if j.state == "completed" or (j.run_dir and RunFolder(j.run_dir).status().get("state") == "completed")]
 
 
-def jobs_table(queue) -> list[list]:
-    """One row per job for the Runs table: run id, state, owner, progress, created."""
+def jobs_table(queue, caller: Caller) -> list[list]:
+    """One row per job ``caller`` may see, for the Runs table: run id, state, owner, progress, created."""
     rows = []
-    for job in queue.list():
+    for job in access.visible_jobs(queue, caller):
         status = job.run.status()
         step, total = status.get("step") or 0, status.get("total_steps") or 0
         progress = f"{step}/{total}" if total else "–"
@@ -130,13 +183,15 @@ def jobs_table(queue) -> list[list]:
     return rows
 
 
-def submit(queue, values: dict, preset: str | None = None, owner: str = "", row_tokens: int | None = None) -> str:
-    """Queue a run from form values; returns its run id. ``row_tokens``: the dataset's typical long
-    row (p95), for the memory estimate recorded beside the measured peak."""
-    spec = make_spec(values, preset)
+def submit(queue, values: dict, preset: str | None = None, caller: Caller | None = None,
+           row_tokens: int | None = None) -> str:
+    """Queue a run from form values for ``caller`` (its owner; None: the machine's owner, unconfined);
+    returns its run id. ``row_tokens``: the dataset's typical long row (p95), for the memory
+    estimate recorded beside the measured peak."""
+    spec = make_spec(values, preset, caller)
     if not spec.data.data:
         raise data.DataError("no dataset: upload one in the Data tab first")
-    job = queue.submit(spec, owner=owner)
+    job = queue.submit(spec, owner=caller.user if caller else "")
     try:  # recorded so the Runs tab can show it next to the measured peak
         from . import memory
 
@@ -191,14 +246,32 @@ def user_of(request) -> str:
     return (info.get("userinfo") or {}).get("preferred_username") or ""
 
 
+def auth_credentials() -> list[tuple[str, str]]:
+    """``STUDIO_AUTH``: ``user:password``, or several separated by commas
+    (``alice:pw1,bob:pw2``; a password cannot hold a comma). The first user is the admin."""
+    pairs = []
+    for item in (os.environ.get("STUDIO_AUTH") or "").split(","):
+        user, sep, password = item.strip().partition(":")
+        if item.strip():
+            if not sep or not user or not password:
+                raise ValueError("STUDIO_AUTH must be user:password[,user:password...]")
+            pairs.append((user, password))
+    return pairs
+
+
 def is_admin(request) -> bool:
-    """Self-hosted: the env-var login's user is the admin, and with no login everyone is. On a Space:
-    the Space's owner, signed in."""
+    """Self-hosted: with no login (one person's machine) everyone is; with ``STUDIO_AUTH`` its first
+    user. On a Space: the Space's owner, signed in."""
     user = user_of(request)
     if os.environ.get("SPACE_ID"):
         return bool(user) and user == os.environ.get("SPACE_AUTHOR_NAME")
-    admin = (os.environ.get("STUDIO_AUTH") or "").partition(":")[0]
-    return not user or user == admin
+    credentials = auth_credentials()
+    return not credentials or user == credentials[0][0]
+
+
+def caller(request) -> Caller:
+    """The ``access.Caller`` behind a web request."""
+    return Caller(user=user_of(request), admin=is_admin(request))
 
 
 def hardware_summary() -> str:

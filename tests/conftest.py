@@ -42,3 +42,19 @@ def tiny_data(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "tiny.json"
     path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
     return path
+
+
+def completed_job(queue, spec, owner: str = "", train: bool = True):
+    """A run queued by ``owner`` and trained in its own folder right here (no worker), then recorded
+    completed: the web app names runs by id only, so tests of its endpoints need queued runs."""
+    import time
+
+    from backend import train as train_mod
+
+    job = queue.submit(spec, owner=owner)
+    if train:
+        train_mod.train(job.run.spec(), job.run_dir)
+    else:
+        job.run.set_status("completed")
+    queue._transition(job.run_id, ("queued",), state="completed", ended_at=time.time())
+    return queue.get(job.run_id)

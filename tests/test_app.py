@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from backend import service
+from backend import access, service
 from backend.jobs import Queue, Worker
 
 FIXTURES = Path(__file__).resolve().parent / "data"
@@ -27,9 +27,11 @@ def test_build_ui_and_data_handler(queue, tmp_path, monkeypatch):
     assert app.build_ui(queue) is not None
     summary, sample, hist, stored, p95 = check_dataset(str(FIXTURES / "alpaca.json"), "auto", "", "Be brief.", 1024)
     assert "alpaca" in summary and "3 rows" in summary and "<mark" in sample and "Bonjour" in sample
-    assert Path(stored).parent == tmp_path / "uploads" and hist["rows"].sum() == 3
+    assert Path(stored).parent == access.uploads_dir("") and hist["rows"].sum() == 3
+    assert Path(stored).is_relative_to(tmp_path / "uploads")
     summary, *_ = check_dataset(str(FIXTURES / "alpaca.json"), "sharegpt", "", "Be brief.", 1024)
-    assert summary.startswith("**Error:**")
+    assert summary.startswith("**Error:**") and str(tmp_path) not in summary  # no server paths shown
+    assert not Path(stored).exists()  # a rejected upload is not kept
 
 
 def test_cli_command_round_trips_to_the_same_spec(tmp_path):
@@ -109,40 +111,41 @@ def test_archive_holds_the_result_and_the_run_description(tmp_path):
 
 
 def test_playground_endpoints_through_gradio_client(queue, tmp_path, tiny_model_dir, tiny_data):
-    """Side by side, a blind vote, DPO pairs, batch and eval, on a tiny trained run given by path."""
+    """Side by side, a blind vote, DPO pairs, batch and eval, on a tiny trained run named by its id."""
     import html
     import json
 
+    from conftest import completed_job
     from gradio_client import Client
     from test_train import tiny_spec
 
     import app
-    from backend import train as train_mod
     from ui.playground_tab import _text as text  # Gradio hands chat content back as typed parts
 
-    run = train_mod.train(tiny_spec(tiny_model_dir, tiny_data, num_train_epochs=1), tmp_path / "run").path
+    job = completed_job(queue, tiny_spec(tiny_model_dir, tiny_data, num_train_epochs=1))
+    run, run_id = Path(job.run_dir), job.run_id
     port = free_port()
     demo = app.build_ui(queue)
     app.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         settings = ("", 8, 0, 1.0, 50, 1.0, 0)  # system, max new, temperature, top_p, top_k, rep. penalty, seed
-        left, right, *_ = client.predict(str(run), "", "Who are you? (1)", False, [], [], *settings,
+        left, right, *_ = client.predict(run_id, "", "Who are you? (1)", False, [], [], *settings,
                                          api_name="/side_by_side")
         assert [m["role"] for m in left] == ["user", "assistant"] and text(left[0]["content"]) == "Who are you? (1)"
         assert text(left[1]["content"]) != text(right[1]["content"])  # base, then tuned
-        left, right, *_ = client.predict(str(run), "", "Who are you? (2)", True, [], [], *settings,
+        left, right, *_ = client.predict(run_id, "", "Who are you? (2)", True, [], [], *settings,
                                          api_name="/side_by_side")
-        info, *_ = client.predict(str(run), left, right, "", api_name="/vote_A")  # (a Row has no value)
+        info, *_ = client.predict(run_id, left, right, "", api_name="/vote_A")  # (a Row has no value)
         assert "over 1 votes" in info
-        pairs = Path(client.predict(str(run), api_name="/preference_pairs")).read_text(encoding="utf-8")
+        pairs = Path(client.predict(run_id, api_name="/preference_pairs")).read_text(encoding="utf-8")
         pair = json.loads(pairs)
         assert pair["prompt"] == "Who are you? (2)" and {pair["chosen"], pair["rejected"]} == {  # shown escaped
             html.unescape(text(left[1]["content"])), html.unescape(text(right[1]["content"]))}
-        table, files = client.predict(str(run), "", "Who are you? (3)\nHi", *settings, api_name="/batch_compare")
+        table, files = client.predict(run_id, "", "Who are you? (3)\nHi", *settings, api_name="/batch_compare")
         assert [row[0] for row in table["data"]] == ["Who are you? (3)", "Hi"] and len(files) == 2
-        assert "| base |" in client.predict(str(run), "", api_name="/evaluate")
-        info, changed = client.predict(str(run), "", api_name="/forgetting")
+        assert "| base |" in client.predict(run_id, "", api_name="/evaluate")
+        info, changed = client.predict(run_id, "", api_name="/forgetting")
         assert "general answers" in info and changed["headers"] == ["question", "base answer", "tuned answer"]
         assert (run / "forgetting.json").exists()
     finally:

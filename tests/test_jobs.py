@@ -247,8 +247,10 @@ def test_ownership_and_delete(db, tiny, fake):
     for op in (queue.cancel, queue.delete, queue.resume):
         with pytest.raises(PermissionError):
             op(mine.run_id, user="bob")
-    queue.cancel(anyones.run_id, user="bob")  # no owner: anyone may
-    queue.resume(anyones.run_id, user="bob")
+    with pytest.raises(PermissionError):  # no owner (queued before a login was set up): the admin's
+        queue.cancel(anyones.run_id, user="bob")
+    queue.cancel(anyones.run_id, user="bob", admin=True)
+    queue.resume(anyones.run_id)  # no user: the machine's owner (the CLI)
     assert queue.get(anyones.run_id).state == "queued" and queue.get(anyones.run_id).resume
     queue.cancel(anyones.run_id)  # out of the way of the worker below
 

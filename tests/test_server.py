@@ -6,6 +6,7 @@ with HTML or script in it shows as text and never runs in the page."""
 import shutil
 import socket
 import threading
+from types import SimpleNamespace
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from urllib.parse import quote
@@ -174,14 +175,19 @@ def test_model_output_with_html_is_shown_as_text_not_rendered(monkeypatch, tmp_p
     tricky = "&lt;b&gt; is how one writes <b> & &amp;"  # text that already looks escaped survives too
     assert _history(literal([{"role": "user", "content": tricky}]))[0]["content"] == tricky
 
+    from conftest import completed_job
+
     seen = fake_generation(monkeypatch, raw)
-    demo = app.build_ui(Queue(tmp_path / "jobs.sqlite3", tmp_path / "runs"))
+    queue = Queue(tmp_path / "jobs.sqlite3", tmp_path / "runs")
+    run_id = completed_job(queue, build_spec({"method": "lora"}), train=False).run_id
+    demo = app.build_ui(queue)
     columns = [b for b in demo.blocks.values() if isinstance(b, gr.Chatbot)]
     assert len(columns) == 2
     assert all(c.render_markdown is False and c.latex_delimiters == [] and c.sanitize_html for c in columns)
     send = next(fn.fn for fn in demo.fns.values() if fn.api_name == "side_by_side")
     settings = ("", 16, 0, 1.0, 50, 1.0, 0)
-    *_, last = send(str(tmp_path), "", "<i>hi</i>", False, [], [], *settings)
+    nobody = SimpleNamespace(username=None, request=SimpleNamespace(scope={}))  # self-hosted, no login
+    *_, last = send(nobody, run_id, "", "<i>hi</i>", False, [], [], *settings)
     left, right = last[0], last[1]
     for chat, column in zip((left, right), columns):
         assert chat[-1]["content"] == "&lt;b&gt;x&lt;/b&gt;&lt;script&gt;alert(1)&lt;/script&gt; &amp; 1 &lt; 2"
@@ -189,7 +195,7 @@ def test_model_output_with_html_is_shown_as_text_not_rendered(monkeypatch, tmp_p
         assert not any("<" in m["content"] for m in chat)
         sent = column.postprocess(chat).model_dump()  # what goes to the page: still escaped
         assert "<script>" not in str(sent) and "&lt;script&gt;" in str(sent)
-    *_, last = send(str(tmp_path), "", "again", False, left, right, *settings)  # the next turn
+    *_, last = send(nobody, run_id, "", "again", False, left, right, *settings)  # the next turn
     assert seen[-1]["base"][:2] == [{"role": "user", "content": "<i>hi</i>"}, {"role": "assistant", "content": raw}]
     assert len(last[0]) == 4
 
@@ -202,7 +208,8 @@ def test_model_output_with_html_never_runs_in_the_page(server, monkeypatch, tmp_
     from playwright.sync_api import expect, sync_playwright
 
     fake_generation(monkeypatch)
-    url, *_ = server
+    url, queue, mine, _ = server
+    mine.run.set_status("completed")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=shutil.which("chromium"),
                                     args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
@@ -212,7 +219,7 @@ def test_model_output_with_html_never_runs_in_the_page(server, monkeypatch, tmp_
         page.get_by_label("password").fill(PASSWORD)
         page.get_by_role("button", name="Login").click()
         page.get_by_role("tab", name="Playground").click()
-        page.get_by_label("Run", exact=True).fill(str(tmp_path))  # a run folder given by path
+        page.get_by_label("Run", exact=True).fill(mine.run_id)  # alice's own run
         page.get_by_role("button", name="Generate both").click()
         answers = page.locator(".bot-row:visible")
         expect(answers).to_have_count(2, timeout=30_000)

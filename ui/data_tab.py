@@ -5,7 +5,7 @@ import html
 import gradio as gr
 import pandas as pd
 
-from backend import data, service
+from backend import access, data, service
 
 from .i18n import t
 
@@ -24,15 +24,15 @@ def highlight(sample: str) -> str:
     return f'<pre style="white-space:pre-wrap">{"".join(out)}</pre>'
 
 
-def check_dataset(file, fmt, mapping, system_prompt, max_length):
+def check_dataset(file, fmt, mapping, system_prompt, max_length, request: gr.Request = None):
     """Returns (summary markdown, sample html, histogram frame, stored data path, p95 row tokens)."""
     if not file:
         return "Upload a dataset first.", "", None, "", None
     try:
-        stored = service.store_upload(file)
-        s = service.preview(stored, fmt, mapping, None, system_prompt, int(max_length))
+        stored, s = service.check_upload(file, service.user_of(request), fmt, mapping, system_prompt,
+                                         int(max_length))
     except data.DataError as exc:
-        return f"**Error:** {exc}", "", None, "", None
+        return f"**Error:** {access.redact(str(exc))}", "", None, "", None
     lengths = s["token_lengths"]
     lines = [f"**{s['format']}** · {s['rows']} rows · {s['train_rows']} train / {s['val_rows']} validation",
              f"tokens per row: min {lengths['min']}, median {lengths['p50']}, p95 {lengths['p95']}, "

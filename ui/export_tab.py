@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import gradio as gr
 
-from backend import export, service
+from backend import access, export
 
+from .common import error, job_of
 from .i18n import t
-from .playground_tab import run_dir_of
 
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
 
@@ -18,7 +18,6 @@ def create_export_tab(queue):
         zip_btn = gr.Button(t("zip"))
         zip_file = gr.File(label=t("zip"), interactive=False, height=80)
     with gr.Row():
-        merge_dir = gr.Textbox(label=t("merge_dir"), placeholder="(empty: RUN_DIR/merged)")
         dtype = gr.Dropdown(DTYPES, value="auto", label=t("dtype"))
         merge_btn = gr.Button(t("merge"))
     with gr.Row():
@@ -29,42 +28,34 @@ def create_export_tab(queue):
         push_btn = gr.Button(t("push"))
     message = gr.Markdown()
 
-    def owned_run_dir(run_value, request):
-        run_dir = run_dir_of(queue, run_value)
+    # the server picks every output location: the zip is a download, the merged model goes to the
+    # run's own folder (RUN_DIR/merged), and the page names it relative to the studio's home
+    def do_zip(run_value, request: gr.Request):
         try:
-            job = queue.get(run_value)
-        except ValueError:
-            return run_dir  # a folder path typed by hand
-        if job.owner and job.owner != service.user_of(request) and not service.is_admin(request):
-            raise gr.Error("only the run's owner (or an admin) may export it")
-        return run_dir
-
-    def do_zip(run_value, request: gr.Request = None):
-        try:
-            return export.zip_result(owned_run_dir(run_value, request))
+            return export.zip_result(job_of(queue, run_value, request).run_dir)
         except ValueError as exc:
-            raise gr.Error(str(exc))
+            raise error(exc)
 
-    def do_merge(run_value, out_dir, dtype_name, request: gr.Request = None, progress=gr.Progress()):
-        run_dir = owned_run_dir(run_value, request)
+    def do_merge(run_value, dtype_name, request: gr.Request, progress=gr.Progress()):
+        run_dir = job_of(queue, run_value, request).run_dir
         progress(0, desc="merging")
         try:
-            path = export.merge(run_dir, out_dir or f"{run_dir}/merged", None if dtype_name == "auto" else dtype_name)
+            path = export.merge(run_dir, f"{run_dir}/merged", None if dtype_name == "auto" else dtype_name)
         except ValueError as exc:
-            raise gr.Error(str(exc))
-        return f"Merged model saved to `{path}`."
+            raise error(exc)
+        return f"Merged model saved to `{access.redact(str(path))}` (push it to the Hub below, as merged)."
 
-    def do_push(run_value, repo, token_value, what_value, is_private, request: gr.Request = None,
+    def do_push(run_value, repo, token_value, what_value, is_private, request: gr.Request,
                 progress=gr.Progress()):
-        run_dir = owned_run_dir(run_value, request)
+        run_dir = job_of(queue, run_value, request).run_dir
         progress(0, desc="uploading")
         try:
             url = export.push(run_dir, repo, token_value, what=what_value, private=is_private)
         except ValueError as exc:
-            raise gr.Error(str(exc))
+            raise error(exc)
         return f"Pushed to {url}"
 
     zip_btn.click(do_zip, [run], [zip_file], api_name="export_zip")
-    merge_btn.click(do_merge, [run, merge_dir, dtype], [message], api_name="export_merge")
+    merge_btn.click(do_merge, [run, dtype], [message], api_name="export_merge")
     push_btn.click(do_push, [run, repo_id, token, what, private], [message], api_name="export_push")
     return run

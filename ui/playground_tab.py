@@ -14,32 +14,20 @@ import pandas as pd
 from backend import forgetting, playground, service
 from backend.evaluate import evaluate
 
+from .common import error, run_dir_of
 from .i18n import t
 
 FORGET_COLUMNS = ["question", "base answer", "tuned answer"]
 
 
-def run_dir_of(queue, run) -> str:
-    """A queued run's id, or the path of a run folder made elsewhere (e.g. by the CLI). None picked yet
-    (e.g. a click before the tab's run list arrived): the newest completed run, as the tab shows."""
-    if not run:
-        ids = service.finished_runs(queue)
-        if not ids:
-            raise gr.Error("pick a completed run first")
-        run = ids[-1]
-    if Path(run).is_dir():
-        return str(run)
+def _loaded(queue, run, checkpoint, request):
+    run_dir = run_dir_of(queue, run, request)
     try:
-        return queue.get(run).run_dir
-    except ValueError as exc:
-        raise gr.Error(str(exc))
-
-
-def _loaded(queue, run, checkpoint):
-    try:
-        return playground.CACHE.get(run_dir_of(queue, run), checkpoint or None)
+        if checkpoint and checkpoint not in playground.list_checkpoints(run_dir):
+            raise playground.RunError(f"no checkpoint {checkpoint!r} in this run: pick one from its list")
+        return playground.CACHE.get(run_dir, checkpoint or None)
     except playground.RunError as exc:
-        raise gr.Error(str(exc))
+        raise error(exc)
 
 
 def _settings(system, max_new, temperature, top_p, top_k, repetition_penalty, seed) -> dict:
@@ -127,14 +115,14 @@ def create_playground_tab(queue):
         forget_table = gr.Dataframe(headers=FORGET_COLUMNS, interactive=False, wrap=True)
 
     # -- handlers ---------------------------------------------------------------------------------
-    def refresh_runs(current):
-        ids = service.finished_runs(queue)
+    def refresh_runs(current, request: gr.Request):
+        ids = service.finished_runs(queue, service.caller(request))
         value = current if current else (ids[-1] if ids else None)
         return gr.Dropdown(choices=ids, value=value), gr.Dropdown(choices=ids)
 
-    def checkpoints(run_value):
+    def checkpoints(run_value, request: gr.Request):
         try:
-            names = playground.list_checkpoints(run_dir_of(queue, run_value)) if run_value else []
+            names = playground.list_checkpoints(run_dir_of(queue, run_value, request)) if run_value else []
         except gr.Error:
             names = []
         return gr.Dropdown(choices=[""] + names, value="")
@@ -144,10 +132,10 @@ def create_playground_tab(queue):
             return gr.Chatbot(label="A"), gr.Chatbot(label="B")
         return gr.Chatbot(label=t(shown[0])), gr.Chatbot(label=t(shown[1]))
 
-    def do_send(run_value, ckpt, text, is_blind, chat_l, chat_r, *values):
+    def do_send(request: gr.Request, run_value, ckpt, text, is_blind, chat_l, chat_r, *values):
         if not text or not text.strip():
             raise gr.Error("type a prompt")
-        loaded = _loaded(queue, run_value, ckpt)
+        loaded = _loaded(queue, run_value, ckpt, request)
         sides = playground.blind_order() if is_blind else ("base", "tuned")
         if is_blind:  # one prompt at a time, freshly shuffled
             chat_l, chat_r = [], []
@@ -166,7 +154,7 @@ def create_playground_tab(queue):
     def do_vote(choice, run_value, shown, chat_l, chat_r, system_text, request: gr.Request = None):
         if not chat_l or not chat_r:
             raise gr.Error("generate a blind pair first")
-        run_dir = run_dir_of(queue, run_value)
+        run_dir = run_dir_of(queue, run_value, request)
         chat_l, chat_r = _history(chat_l), _history(chat_r)
         prompt_text = chat_l[-2]["content"]
         answers = {shown[0]: chat_l[-1]["content"], shown[1]: chat_r[-1]["content"]}
@@ -181,28 +169,28 @@ def create_playground_tab(queue):
                 f"(tuned {s['tuned']}, base {s['base']}, tie {s['tie']}, both bad {s['both_bad']}).")
         return gr.Row(visible=False), info, *labels(False, shown)
 
-    def do_pairs(run_value):
-        run_dir = run_dir_of(queue, run_value)
+    def do_pairs(run_value, request: gr.Request):
+        run_dir = run_dir_of(queue, run_value, request)
         out = Path(tempfile.mkdtemp(prefix="studio-pairs-")) / f"{Path(run_dir).name}-dpo.jsonl"
         return str(playground.export_pairs(run_dir, out))
 
-    def do_several(run_value, other_values, text, *values):
-        dirs = [run_dir_of(queue, r) for r in [run_value, *(other_values or [])] if r]
+    def do_several(request: gr.Request, run_value, other_values, text, *values):
+        dirs = [run_dir_of(queue, r, request) for r in [run_value, *(other_values or [])] if r]
         try:
             answers = playground.compare_runs(list(dict.fromkeys(dirs)), text, **_settings(*values))
         except playground.RunError as exc:
-            raise gr.Error(str(exc))
+            raise error(exc)
         return pd.DataFrame(list(answers.items()), columns=["model", "answer"])
 
-    def do_load_val(run_value):
-        rows = playground.default_prompts(run_dir_of(queue, run_value))
+    def do_load_val(run_value, request: gr.Request):
+        rows = playground.default_prompts(run_dir_of(queue, run_value, request))
         return "\n".join(json.dumps(r, ensure_ascii=False) for r in rows)
 
-    def do_batch(run_value, ckpt, text, *values, progress=gr.Progress()):
+    def do_batch(request: gr.Request, run_value, ckpt, text, *values, progress=gr.Progress()):
         rows = playground.parse_prompts(text)
         if not rows:
             raise gr.Error("paste prompts (one per line, or JSONL with prompt/reference), or load the run's")
-        loaded = _loaded(queue, run_value, ckpt)
+        loaded = _loaded(queue, run_value, ckpt, request)
         progress(0, desc="generating")
         table = playground.batch_compare(loaded, rows, progress=lambda d, n: progress(d / n, desc=f"{d}/{n}"),
                                          **_settings(*values))
@@ -210,9 +198,9 @@ def create_playground_tab(queue):
         files = [str(playground.write_table(table, out / f"comparison.{ext}")) for ext in ("csv", "jsonl")]
         return pd.DataFrame(table, columns=["prompt", "reference", "base", "tuned"]), files
 
-    def do_eval(run_value, ckpt):
-        loaded = _loaded(queue, run_value, ckpt)
-        res = evaluate(loaded, run_dir_of(queue, run_value))
+    def do_eval(run_value, ckpt, request: gr.Request):
+        loaded = _loaded(queue, run_value, ckpt, request)
+        res = evaluate(loaded, run_dir_of(queue, run_value, request))
         lines = ["| | loss | perplexity | tokens |", "|---|---|---|---|"]
         lines += [f"| {side} | {r['loss']:.4f} | {r['perplexity']:.2f} | {r['tokens']} |" for side, r in res.items()]
         return "On the run's validation split:\n\n" + "\n".join(lines)
@@ -227,14 +215,14 @@ def create_playground_tab(queue):
         rows = [[c["question"], c["base"], c["tuned"]] for c in record["changed"]]
         return info, pd.DataFrame(rows, columns=FORGET_COLUMNS)
 
-    def do_forgetting(run_value, ckpt, progress=gr.Progress()):
-        loaded = _loaded(queue, run_value, ckpt)
+    def do_forgetting(run_value, ckpt, request: gr.Request, progress=gr.Progress()):
+        loaded = _loaded(queue, run_value, ckpt, request)
         progress(0, desc=f"asking {len(forgetting.load_questions())} general questions, base and tuned")
-        return forgetting_view(forgetting.meter(loaded, run_dir_of(queue, run_value)))
+        return forgetting_view(forgetting.meter(loaded, run_dir_of(queue, run_value, request)))
 
-    def stored_forgetting(run_value):
+    def stored_forgetting(run_value, request: gr.Request):
         try:
-            return forgetting_view(forgetting.read(run_dir_of(queue, run_value)) if run_value else None)
+            return forgetting_view(forgetting.read(run_dir_of(queue, run_value, request)) if run_value else None)
         except gr.Error:
             return forgetting_view(None)
 

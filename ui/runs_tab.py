@@ -3,8 +3,9 @@
 import gradio as gr
 import pandas as pd
 
-from backend import service
+from backend import access, service
 
+from .common import error, job_of
 from .i18n import t
 
 COLUMNS = ["run_id", "state", "owner", "progress", "created"]
@@ -45,36 +46,42 @@ def detail_markdown(view: dict) -> str:
 
 
 def create_runs_tab(queue):
-    def table():
-        return pd.DataFrame(service.jobs_table(queue), columns=COLUMNS)
+    def table(request):
+        return pd.DataFrame(service.jobs_table(queue, service.caller(request)), columns=COLUMNS)
 
-    def show(run_id):
+    def show(run_id, request: gr.Request):
         if not run_id:
             return "", None, ""
-        view = service.run_view(queue.get(run_id).run_dir)
+        try:
+            view = service.run_view(access.job_for(queue, run_id, service.caller(request)).run_dir)
+        except access.AccessError as exc:
+            return str(exc), None, ""
         frame = pd.DataFrame(view["loss"], columns=["step", "loss", "kind"])
         return detail_markdown(view), frame, "\n".join(view["log"])
 
-    def refresh(run_id, shown=""):
+    def refresh(run_id, shown="", request: gr.Request = None):
         """The table, and the selected run's detail unless it is what the page already shows
         (redrawing an unchanged plot every tick makes it flicker)."""
-        ids = [j.run_id for j in queue.list()]
+        ids = [j.run_id for j in access.visible_jobs(queue, service.caller(request))]
         selected = run_id if run_id in ids else (ids[-1] if ids else None)
-        detail = show(selected)
+        detail = show(selected, request)
         sig = f"{selected}|{hash(detail[0])}|{len(detail[1]) if detail[1] is not None else 0}|{hash(detail[2])}"
         if sig == shown:
             detail = (gr.skip(), gr.skip(), gr.skip())
-        return (table(), gr.Dropdown(choices=ids, value=selected), *detail, sig)
+        return (table(request), gr.Dropdown(choices=ids, value=selected), *detail, sig)
 
     def act(action, run_id, request: gr.Request):
         if run_id:
             try:
-                getattr(queue, action)(run_id, user=service.user_of(request), admin=service.is_admin(request))
+                job = job_of(queue, run_id, request)
+                getattr(queue, action)(job.run_id, user=service.user_of(request), admin=service.is_admin(request))
             except (PermissionError, ValueError) as exc:
-                gr.Warning(str(exc))
-        return refresh(run_id)
+                gr.Warning(access.redact(str(exc)))
+            except gr.Error as exc:
+                gr.Warning(exc.message)
+        return refresh(run_id, "", request)
 
-    jobs = gr.Dataframe(table(), interactive=False)
+    jobs = gr.Dataframe(pd.DataFrame([], columns=COLUMNS), interactive=False)  # filled per caller on load
     with gr.Row():
         # custom values: the API takes any run id (the backend checks it); the UI lists the queue
         run_id = gr.Dropdown([], label=t("run"), allow_custom_value=True)
@@ -106,15 +113,9 @@ def create_runs_tab(queue):
         if not run_id:
             return None
         try:
-            job = queue.get(run_id)
+            return service.archive(job_of(queue, run_id, request).run_dir)
         except ValueError as exc:
-            raise gr.Error(str(exc))
-        if job.owner and job.owner != service.user_of(request) and not service.is_admin(request):
-            raise gr.Error("only the run's owner (or an admin) may download it")
-        try:
-            return service.archive(job.run_dir)
-        except ValueError as exc:
-            raise gr.Error(str(exc))
+            raise error(exc)
 
     download.click(do_download, [run_id], [archive], api_name="download")
     cancel.click(do_cancel, [run_id], outputs, api_name="cancel")

@@ -2,7 +2,7 @@
 
 import gradio as gr
 
-from backend import service
+from backend import access, service
 from backend.config import ConfigError
 from backend.presets import list_presets, load_preset, preset_header
 
@@ -38,14 +38,15 @@ def form_values(data_path, fmt, mapping, *values) -> tuple[dict, str | None]:
     return v, preset
 
 
-def review(data_path, fmt, mapping, *values):
+def review(request: gr.Request, data_path, fmt, mapping, *values):
     """(config yaml, command, estimate markdown) for the form as it stands."""
     *values, row_tokens = values
     try:
         v, preset = form_values(data_path, fmt, mapping, *values)
-        spec = service.make_spec(v, preset)
-    except (ConfigError, ValueError) as exc:
-        return f"# error: {exc}", "", f"**Error:** {exc}"
+        spec = service.make_spec(v, preset, service.caller(request))
+    except (ConfigError, ValueError, PermissionError) as exc:
+        message = access.redact(str(exc))
+        return f"# error: {message}", "", f"**Error:** {message}"
     return service.config_yaml(spec), service.cli_command(spec), service.estimate_markdown(spec, row_tokens)
 
 
@@ -60,19 +61,23 @@ def preset_defaults(model, method, preset):
             t.early_stopping_patience)
 
 
-def augment_preview(data_path, fmt, mapping, model, k, progress=gr.Progress()):
+def augment_preview(data_path, fmt, mapping, model, k, request: gr.Request = None, progress=gr.Progress()):
     """The paraphrases a run with ``augment_k=k`` would add for the first 8 training prompts."""
     from backend import augment
 
     if not data_path:
         raise gr.Error("check a dataset on the Data tab first")
+    try:
+        access.confine_paths({"data": data_path, "model": model}, service.caller(request))
+    except access.AccessError as exc:
+        raise gr.Error(str(exc))
     k = int(k or 0) or 3
     progress(0, desc=f"paraphrasing 8 prompts x {k} with the base model...")
     try:
         items = augment.preview_file(data_path, k=k, model=(model or "").strip() or None, fmt=fmt,
                                      mapping=service.parse_mapping(mapping) or None)
     except (ValueError, OSError) as exc:
-        raise gr.Error(str(exc))
+        raise gr.Error(access.redact(str(exc)))
     return [[i["index"], i["original"], "\n".join(i["kept"]) or "–",
              "\n".join(f"{d['text']!r} ({d['reason']})" for d in i["dropped"]) or "–"] for i in items]
 

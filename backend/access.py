@@ -1,0 +1,143 @@
+"""Who may read or change what, decided in one place for every handler and endpoint of the web app.
+
+* A **run** is read or changed only by its owner or an admin (``may_access``). Runs are named by
+  run id alone, never by a folder path, and a run that is not the caller's looks exactly like one
+  that does not exist, so ids of other users' runs cannot be probed.
+* A **file setting** (``PATH_KEYS``) submitted from the web names only the caller's own uploads,
+  a shipped set, or a path under ``STUDIO_ALLOWED_PATHS`` (the admin's allow-list, ``os.pathsep``
+  separated); the CLI, run by the machine's owner, is not confined.
+* **Paths shown** to a user (logs, statuses, errors) are relative to the studio's home
+  (``redact``), so no user learns the server's layout from another's messages.
+
+The web app builds a ``Caller`` per request from its login (``service.caller``); the backend
+never sees the request itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .paths import local_home, studio_home
+
+ROOT = Path(__file__).resolve().parent.parent
+# settings that name files on the server, and what a web user may name there
+PATH_KEYS = ("data", "mix_data", "model", "augment_model", "accelerate_config")
+SHIPPED_NAMES = {"mix_data": ("replay",), "accelerate_config": ("ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3")}
+
+
+class AccessError(PermissionError):
+    """The caller may not do this; the message says what, without naming other users' things."""
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who asks: ``user`` ("" for nobody signed in) and whether they are an admin."""
+
+    user: str = ""
+    admin: bool = False
+
+
+def may_access(owner: str | None, caller: Caller) -> bool:
+    """May ``caller`` read or change a run owned by ``owner``? Its owner may, and an admin may.
+    A run without an owner (queued before a login was set up) is the admin's."""
+    return caller.admin or bool(owner) and owner == caller.user
+
+
+def job_for(queue, run_id: str, caller: Caller):
+    """The queue's job ``run_id`` if ``caller`` may access it; one message for unknown and not
+    theirs alike."""
+    run_id = (run_id or "").strip()
+    try:
+        job = queue.get(run_id)
+    except ValueError:
+        job = None
+    if job is None or not may_access(job.owner, caller):
+        raise AccessError(f"no run {run_id!r} of yours: pick one from the Runs list")
+    return job
+
+
+def visible_jobs(queue, caller: Caller) -> list:
+    """The jobs ``caller`` may see, in queue order."""
+    return [j for j in queue.list() if may_access(j.owner, caller)]
+
+
+# -- uploads and file settings ------------------------------------------------------------------
+def user_folder(user: str) -> str:
+    """A folder name for ``user``'s uploads: readable, and unique even when two names slug alike."""
+    slug = re.sub(r"[^a-zA-Z0-9_-]+", "-", user)[:32].strip("-") or "anonymous"
+    return f"{slug}-{hashlib.sha256(user.encode()).hexdigest()[:8]}"
+
+
+def uploads_dir(user: str) -> Path:
+    return studio_home() / "uploads" / user_folder(user)
+
+
+def allowed_roots(caller: Caller) -> list[Path]:
+    roots = [uploads_dir(caller.user)]
+    for entry in (os.environ.get("STUDIO_ALLOWED_PATHS") or "").split(os.pathsep):
+        if entry.strip():
+            roots.append(Path(entry.strip()).expanduser())
+    return [r.resolve() for r in roots]
+
+
+def _looks_like_path(key: str, value: str) -> bool:
+    """Does a setting's value name a server file? ``hub:`` data and ``ORG/NAME`` model ids do not
+    (they are fetched from the Hub); for models, a name that exists here (from the app's or the
+    trainer's working folder) or is written as a path does."""
+    if key not in ("model", "augment_model"):
+        return not value.startswith("hub:")
+    here = [Path(value).expanduser(), ROOT / value]
+    return any(p.exists() for p in here) or value.startswith((".", "/", "~")) or ".." in value \
+        or value.count("/") != 1
+
+
+def confine_paths(values: dict, caller: Caller) -> None:
+    """Refuse a web user's settings that name server files outside what they may read: their own
+    uploads, the shipped sets, ``STUDIO_ALLOWED_PATHS``. ``values``: flat keys as in ``--set``."""
+    from .models import EMBEDDED_ALIASES
+
+    roots = allowed_roots(caller)
+    refused = []
+    for key in PATH_KEYS:
+        value = values.get(key)
+        if not isinstance(value, str) or not value.strip():
+            continue
+        value = value.strip()
+        if value in SHIPPED_NAMES.get(key, ()) or (key in ("model", "augment_model") and value in EMBEDDED_ALIASES):
+            continue
+        if not _looks_like_path(key, value):
+            continue
+        resolved = Path(value).expanduser()
+        resolved = (resolved if resolved.is_absolute() else ROOT / resolved).resolve()  # the trainer's cwd
+        if not any(resolved.is_relative_to(root) for root in roots):
+            refused.append(key)
+    if refused:
+        raise AccessError(f"{', '.join(refused)}: only files you uploaded, the shipped sets, or paths the admin "
+                          "allows (STUDIO_ALLOWED_PATHS) may be used from the web app")
+
+
+# -- what users see -----------------------------------------------------------------------------
+def _prefixes() -> list[tuple[str, str]]:
+    pairs = [(studio_home(), "STUDIO_HOME"), (local_home(), "STUDIO_LOCAL_HOME"), (ROOT, "."),
+             (Path(sys.prefix), "PYTHON"), (Path.home(), "~")]
+    out = []
+    for path, name in pairs:
+        for form in {str(path), str(path.resolve())}:
+            out.append((form.rstrip("/"), name))
+    return sorted(out, key=lambda p: -len(p[0]))  # the longest first: the home inside ~ stays STUDIO_HOME
+
+
+def redact(text: str | None) -> str | None:
+    """``text`` with the server's absolute paths made relative to the studio's home (and the
+    repository, the Python installation, the user's home)."""
+    if not text:
+        return text
+    for prefix, name in _prefixes():
+        if prefix:
+            text = text.replace(prefix, name)
+    return text

@@ -1,0 +1,32 @@
+"""What every tab's handlers share: the caller's runs, by run id only, and errors without server paths."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from backend import access, service
+
+
+def error(exc: Exception) -> gr.Error:
+    """A message for the page: the exception's text with the server's paths made relative."""
+    return gr.Error(access.redact(str(exc)))
+
+
+def job_of(queue, run_id, request):
+    """The caller's job ``run_id`` (an id from the Runs list; never a folder path). No run picked yet
+    (e.g. a click before the tab's run list arrived): the caller's newest completed run, as the tab
+    shows."""
+    caller = service.caller(request)
+    if not run_id:
+        ids = service.finished_runs(queue, caller)
+        if not ids:
+            raise gr.Error("pick a completed run first")
+        run_id = ids[-1]
+    try:
+        return access.job_for(queue, str(run_id), caller)
+    except access.AccessError as exc:
+        raise error(exc)
+
+
+def run_dir_of(queue, run_id, request) -> str:
+    return job_of(queue, run_id, request).run_dir
