@@ -1,0 +1,279 @@
+"""The app as an attacker meets it: a second signed-in user, a Space visitor who never signed in, and
+raw HTTP. Each test tries one hole a probe found (issue 15) through ``gradio_client`` or raw HTTP on
+loopback, and fails on the code that had it.
+
+Users: ``admin`` (the first STUDIO_AUTH user), ``alice`` and ``bob``. Alice owns a finished run (a
+stand-in adapter, validation rows, a checkpoint); bob owns one too. Nothing here trains a model.
+"""
+
+import json
+import socket
+import time
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import pytest
+
+from backend import access, service
+from backend.jobs import Queue
+from backend.presets import build_spec
+from backend.runs import COMPLETE_MARK
+
+FIXTURES = Path(__file__).resolve().parent / "data"
+USERS = {"admin": "root pw", "alice": "alice pw", "bob": "bob pw"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def finished_run(queue, owner, secret):
+    """A queued-then-completed run of ``owner`` holding ``secret`` in its result, data and checkpoint."""
+    job = queue.submit(build_spec({"method": "lora", "data": str(FIXTURES / "alpaca.json")}), owner=owner)
+    run = job.run
+    run.adapter_dir.mkdir()
+    (run.adapter_dir / "adapter_model.safetensors").write_text(secret)
+    run.data_dir.mkdir()
+    row = {"messages": [{"role": "user", "content": f"{secret} prompt"}, {"role": "assistant", "content": secret}]}
+    for split in ("train", "val"):
+        (run.data_dir / f"{split}.jsonl").write_text(json.dumps(row) + "\n")
+    checkpoint = run.checkpoints_dir / "checkpoint-1"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / COMPLETE_MARK).write_text("")
+    run.set_status("completed")
+    queue._transition(job.run_id, ("queued",), state="completed", ended_at=time.time())
+    return queue.get(job.run_id)
+
+
+def fake_models(monkeypatch):
+    """The Playground answers without a model, so an endpoint that gets past its access check says so."""
+    from backend import playground
+
+    monkeypatch.setattr(playground.CACHE, "get", lambda *a, **k: SimpleNamespace(spec=None))
+    monkeypatch.setattr(playground, "stream", lambda loaded, messages, shown, **kw: iter([{s: "ok" for s in shown}]))
+
+
+@pytest.fixture
+def studio(tmp_path, monkeypatch):
+    """A launched app with three users; yields (url, queue, alice's job, bob's job, demo)."""
+    import app
+    from backend import paths
+
+    monkeypatch.setenv("STUDIO_LOCAL_HOME", str(paths.local_home()))  # the converted embedded model
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("STUDIO_AUTH", ",".join(f"{u}:{p}" for u, p in USERS.items()))
+    monkeypatch.setenv("STUDIO_MAX_BODY_SIZE", "64kb")
+    monkeypatch.delenv("STUDIO_ALLOWED_PATHS", raising=False)
+    monkeypatch.setattr(app, "ON_SPACES", False)
+    fake_models(monkeypatch)
+    queue = Queue(tmp_path / "jobs.sqlite3", tmp_path / "home" / "runs")
+    alice, bob = finished_run(queue, "alice", "ALICE-SECRET"), finished_run(queue, "bob", "BOB-OWN")
+    port = free_port()
+    demo = app.build_ui(queue)
+    app.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
+    try:
+        yield f"http://127.0.0.1:{port}", queue, alice, bob, demo
+    finally:
+        demo.close()
+
+
+def client_as(url, user):
+    from gradio_client import Client
+
+    return Client(url, auth=(user, USERS[user]), verbose=False)
+
+
+def refused(call, *args, **kwargs) -> str:
+    """The error an endpoint answers with; fails the test if it answered."""
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError) as info:
+        call(*args, **kwargs)
+    return str(info.value)
+
+
+SETTINGS = ("", 8, 0, 1.0, 50, 1.0, 0)  # system, max new, temperature, top_p, top_k, rep. penalty, seed
+
+
+def test_another_user_gets_nothing_of_a_run_by_id_or_by_path(studio, tmp_path):
+    url, queue, alice, bob, _ = studio
+    as_bob = client_as(url, "bob")
+    for name in (alice.run_id, alice.run_dir, str(Path(alice.run_dir).relative_to(tmp_path / "home"))):
+        calls = {
+            "/export_zip": (name,), "/export_merge": (name, "auto"), "/download": (name,), "/status": (name,),
+            "/side_by_side": (name, "", "hi", False, [], [], *SETTINGS), "/preference_pairs": (name,),
+            "/batch_compare": (name, "", "hi", *SETTINGS), "/evaluate": (name, ""), "/forgetting": (name, ""),
+            "/compare_runs": (bob.run_id, [name], "hi", *SETTINGS),
+        }
+        for api, args in calls.items():
+            message = refused(as_bob.predict, *args, api_name=api)
+            assert "of yours" in message and "ALICE" not in message and str(tmp_path) not in message, (api, message)
+        for api in ("/cancel", "/resume", "/delete"):  # the Runs tab warns and shows bob's own runs only
+            table = as_bob.predict(name, api_name=api)[0]
+            assert alice.run_id not in json.dumps(table), api
+    assert queue.get(alice.run_id).state == "completed" and Path(alice.run_dir, "adapter").exists()
+    assert not Path(alice.run_dir, "merged").exists() and not Path(alice.run_dir, "votes.jsonl").exists()
+    assert [row[0] for row in as_bob.predict(api_name="/list")] == [bob.run_id]
+    # bob's own run answers, and the admin sees both
+    assert "ok" in json.dumps(as_bob.predict(bob.run_id, "", "hi", False, [], [], *SETTINGS, api_name="/side_by_side"))
+    assert {row[0] for row in client_as(url, "admin").predict(api_name="/list")} == {alice.run_id, bob.run_id}
+
+
+def test_a_vote_or_a_checkpoint_cannot_name_a_path(studio, tmp_path):
+    url, queue, alice, bob, _ = studio
+    as_bob = client_as(url, "bob")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    chat = [{"role": r, "content": [{"type": "text", "text": t}]} for r, t in (("user", "hi"), ("assistant", "x"))]
+    for run in (str(elsewhere), alice.run_id, alice.run_dir):
+        message = refused(as_bob.predict, run, chat, chat, "", api_name="/vote_A")
+        assert "of yours" in message
+    assert not (elsewhere / "votes.jsonl").exists() and not Path(alice.run_dir, "votes.jsonl").exists()
+    for checkpoint in ("../adapter", "../../" + Path(alice.run_dir).name + "/adapter", "/etc", "checkpoint-9"):
+        message = refused(as_bob.predict, bob.run_id, checkpoint, "hi", False, [], [], *SETTINGS,
+                          api_name="/side_by_side")
+        assert "no checkpoint" in message, message
+    answer = as_bob.predict(bob.run_id, "checkpoint-1", "hi", False, [], [], *SETTINGS, api_name="/side_by_side")
+    assert "ok" in json.dumps(answer)  # a checkpoint the run lists
+
+
+def raw_call(http: httpx.Client, fn_index: int, data: list) -> list[dict]:
+    """Call a handler by ``fn_index`` as a browser would (join the queue, read the event stream)."""
+    session = uuid.uuid4().hex
+    joined = http.post("/gradio_api/queue/join", json={"data": data, "fn_index": fn_index, "session_hash": session,
+                                                        "event_data": None, "trigger_id": None})
+    if joined.status_code != 200:
+        return [{"msg": "refused", "status": joined.status_code}]
+    events = []
+    with http.stream("GET", f"/gradio_api/queue/data?session_hash={session}") as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data:"):
+                event = json.loads(line[5:])
+                events.append(event)
+                if event.get("msg") in ("process_completed", "close_stream"):
+                    break
+    return events
+
+
+def logged_in(url, user) -> httpx.Client:
+    http = httpx.Client(base_url=url, timeout=30)
+    assert http.post("/login", data={"username": user, "password": USERS[user]}).status_code == 200
+    return http
+
+
+def test_private_handlers_check_access_when_called_by_fn_index(studio):
+    url, queue, alice, bob, demo = studio
+    index = {fn.fn.__name__: i for i, fn in demo.fns.items() if fn.fn is not None}
+    http = logged_in(url, "bob")
+    for name, data in (("do_load_val", [alice.run_id]), ("do_load_val", [alice.run_dir]),
+                       ("stored_forgetting", [alice.run_id]), ("checkpoints", [alice.run_id]),
+                       ("show", [alice.run_id])):
+        events = raw_call(http, index[name], data)
+        assert events, name
+        assert "ALICE-SECRET" not in json.dumps(events) and "checkpoint-1" not in json.dumps(events), (name, events)
+    done = raw_call(http, index["do_load_val"], [bob.run_id])[-1]  # bob's own: his rows
+    assert done["success"] and "BOB-OWN" in json.dumps(done)
+
+
+def test_file_settings_from_the_web_name_only_the_users_own_uploads(studio, tmp_path, monkeypatch):
+    url, queue, alice, bob, _ = studio
+    secret = tmp_path / "server-secret.csv"
+    secret.write_text("prompt,completion\nroot password,hunter2\n")
+    as_bob = client_as(url, "bob")
+    from gradio_client import handle_file
+
+    as_bob.predict(handle_file(str(FIXTURES / "alpaca.json")), "auto", "", "Be brief.", 256, api_name="/prepare")
+    before = len(queue.list())
+    alice_upload = service.store_upload(str(FIXTURES / "alpaca.json"), user="alice")
+    form = dict(model="", method="lora", preset="", num_train_epochs=1, learning_rate=1e-3,
+                per_device_train_batch_size=2, r=8, lora_alpha=16, lora_dropout=0.0, target_modules="q_proj",
+                gradient_accumulation_steps=1, gradient_checkpointing=False, max_length=256,
+                system_prompt="Be brief.", mix_data="", mix_ratio=0.5, use_dora=False, use_rslora=False,
+                modules_to_save="", optim="adamw_torch", ewc_lambda=0, use_adalora=False,
+                early_stopping_patience=0, augment_k=0)
+    for key, value in (("mix_data", str(secret)), ("mix_data", "../../" + secret.name), ("mix_data", alice_upload),
+                       ("model", str(tmp_path)), ("model", alice.run_dir + "/adapter"), ("model", "../..")):
+        message = as_bob.predict("auto", "", *{**form, key: value}.values(), api_name="/submit")
+        assert message.startswith("**Error:**") and key in message and str(tmp_path) not in message, (key, value, message)
+    assert len(queue.list()) == before
+    assert "Queued" in as_bob.predict("auto", "", *form.values(), api_name="/submit")  # his own upload
+    assert queue.list()[-1].owner == "bob"
+    # an admin's allow-list opens a folder to everyone
+    monkeypatch.setenv("STUDIO_ALLOWED_PATHS", str(tmp_path))
+    assert "Queued" in as_bob.predict("auto", "", *{**form, "mix_data": str(secret)}.values(), api_name="/submit")
+
+
+def test_statuses_and_logs_show_no_server_paths(studio, tmp_path):
+    url, queue, alice, bob, _ = studio
+    run = bob.run
+    run.log_path.write_text(f"--- attempt 1 on cpu: python -m backend train --config {run.config_path}\n")
+    run.set_status(error=f"FileNotFoundError: {tmp_path}/home/uploads/x.json", notices=[f"mixed rows from {tmp_path}"])
+    view = client_as(url, "bob").predict(bob.run_id, api_name="/status")
+    text = json.dumps(view)
+    assert str(tmp_path) not in text and "STUDIO_HOME/runs/" in text, text
+    message = refused(client_as(url, "bob").predict, "no-such-run", api_name="/status")
+    assert "no run 'no-such-run'" in message
+
+
+def test_request_bodies_are_bounded(studio):
+    url, *_ = studio
+    http = logged_in(url, "bob")
+    big = {"data": ["x" * 200_000], "fn_index": 0, "session_hash": "s"}
+    assert http.post("/gradio_api/queue/join", json=big).status_code == 413
+    assert http.post("/gradio_api/call/list", json={"data": ["y" * 200_000]}).status_code == 413
+
+    def chunks():  # no Content-Length: counted as it arrives
+        for _ in range(100):
+            yield b"z" * 4096
+
+    assert http.post("/gradio_api/queue/join", content=chunks(), headers={"content-type": "application/json"}
+                     ).status_code == 413
+    assert http.post("/gradio_api/call/list", json={"data": []}).status_code == 200  # small bodies still pass
+
+
+def test_a_space_visitor_who_never_signed_in_reads_nothing(tmp_path, monkeypatch):
+    from gradio_client import Client
+
+    import app
+    from backend import paths
+
+    monkeypatch.setenv("STUDIO_LOCAL_HOME", str(paths.local_home()))
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SPACE_ID", "owner/studio")
+    monkeypatch.setenv("SPACE_AUTHOR_NAME", "owner")
+    monkeypatch.delenv("STUDIO_AUTH", raising=False)
+    monkeypatch.setattr(app, "ON_SPACES", True)
+    fake_models(monkeypatch)
+    queue = Queue(tmp_path / "jobs.sqlite3", tmp_path / "home" / "runs")
+    ann = finished_run(queue, "ann", "ANN-SECRET")
+    port = free_port()
+    demo = app.build_ui(queue)
+    app.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
+    try:
+        visitor = Client(f"http://127.0.0.1:{port}", verbose=False)
+        assert visitor.predict(api_name="/list") == []
+        for api, args in (("/export_zip", (ann.run_id,)), ("/export_zip", (ann.run_dir,)), ("/status", (ann.run_id,)),
+                          ("/download", (ann.run_id,)), ("/export_merge", (ann.run_id, "auto"))):
+            assert "of yours" in refused(visitor.predict, *args, api_name=api)
+        assert "sign in" in visitor.predict("auto", "", "", "lora", "", 1, 1e-3, 2, 8, 16, 0.0, "q_proj", 1, False, 256,
+                                            "", "", 0.5, False, False, "", "adamw_torch", 0, False, 0, 0,
+                                            api_name="/submit")
+    finally:
+        demo.close()
+
+
+def test_uploads_nobody_uses_are_swept(tmp_path, monkeypatch):
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "home"))
+    queue = Queue(tmp_path / "jobs.sqlite3", tmp_path / "home" / "runs")
+    used = service.store_upload(str(FIXTURES / "alpaca.json"), user="alice")
+    stale = service.store_upload(str(FIXTURES / "sharegpt.json"), user="bob") \
+        if (FIXTURES / "sharegpt.json").exists() else service.store_upload(str(FIXTURES / "alpaca.jsonl"), user="bob")
+    queue.submit(build_spec({"method": "lora", "data": used}), owner="alice")  # queued: still needs its data
+    later = time.time() + 2 * service.UPLOAD_TTL_S
+    assert service.sweep_uploads(queue, now=later) == [Path(stale)]
+    assert Path(used).exists() and not Path(stale).exists()
+    assert Path(used).parent == access.uploads_dir("alice") != access.uploads_dir("bob")
