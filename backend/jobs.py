@@ -10,6 +10,20 @@ Two sources of truth, each for what it knows best:
   mounted volume (``/data`` on a Space) every change is copied there with SQLite's backup API
   (``jobs-backup.sqlite3``), and a start without the local database restores it from that copy.
 
+The database never loses its records silently. At each start (``Queue()``):
+
+* the local database is checked (``PRAGMA integrity_check``, and a ``jobs`` table). A missing,
+  empty or damaged one is replaced by the newest backup that passes the same check; a damaged or
+  empty file is first kept aside as ``jobs.sqlite3.damaged-<time>`` (with its ``-wal``/``-shm``);
+* run folders under ``runs_root`` that have no row (a database lost without a backup, or a backup
+  older than the run) are listed again from ``config.yaml`` and ``status.json``: a ``running``
+  folder whose trainer still runs is watched, one whose trainer is gone is ``interrupted``, the way
+  ``recover`` settles it;
+* what was repaired is logged and kept in ``Queue.startup_notices`` for the UI.
+
+A copy that would lose records (a delete, or a database that came back smaller) first moves the
+previous backup to ``jobs-backup.sqlite3.1`` (``.1`` to ``.2``, ..., ``BACKUPS_KEPT`` of them).
+
 Life of a job::
 
     submit -> queued -> running -> completed | failed | cancelled | interrupted
@@ -49,6 +63,7 @@ thread share a ``Queue`` safely. ``attempts`` counts how many times a job has be
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -70,7 +85,7 @@ from typing import Callable
 from .access import AccessError, Caller, may_access
 from .config import RunSpec
 from .paths import local_home, studio_home
-from .runs import RunFolder
+from .runs import STATES, RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +93,7 @@ ROOT = Path(__file__).resolve().parent.parent  # the repository: the training su
 RESUMABLE = ("failed", "cancelled", "interrupted")
 ACCELERATE_CONFIGS = ROOT / "presets" / "accelerate"  # <name>.yaml: ddp, fsdp, deepspeed-zero2, deepspeed-zero3
 _BACKUP_LOCK = threading.Lock()  # one snapshot at a time, so an older one never replaces a newer one
+BACKUPS_KEPT = 3  # jobs-backup.sqlite3.1 .. .3: the copies a shrinking change pushed aside, newest first
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -154,29 +170,143 @@ class Queue:
         if backup_path is None and db_path is None and local_home() != studio_home():
             backup_path = studio_home() / "jobs-backup.sqlite3"
         self.backup_path = Path(backup_path) if backup_path else None
+        self.startup_notices: list[str] = []  # what the start repaired, in plain sentences for the UI
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
-        self._restore()
-        with closing(self._connect()) as conn:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(SCHEMA)
+        # one start at a time checks and repairs: another start must not take a database that is
+        # being created (0 bytes for an instant) for an empty one
+        with _locked(self.db_path.with_name(f"{self.db_path.name}.lock")):
+            self._check_or_restore()
+            with closing(self._connect()) as conn:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute(SCHEMA)
+            self._relist_folders()
         if self.backup_path and not self.backup_path.exists():
             self._backup()
 
-    # -- backup on the mounted home
-    def _restore(self) -> None:
-        """No local database (a new container, a lost disk) but a backup: start from the backup."""
-        if self.db_path.exists() or not (self.backup_path and self.backup_path.exists()):
+    def _notice(self, text: str, detail: str = "") -> None:
+        """Say what the start repaired: in the log (with ``detail``, e.g. paths) and to the UI."""
+        self.startup_notices.append(text)
+        log.warning("%s%s", text, f" ({detail})" if detail else "")
+
+    # -- the database at start: checked, restored, its runs listed again
+    def _check_or_restore(self) -> None:
+        """Start from a sound database: a missing, empty or damaged one is put aside and replaced by
+        the newest backup that passes the check; with none, the queue starts empty (its runs are
+        then listed again from their folders)."""
+        problem = _db_problem(self.db_path) if self.db_path.exists() else "missing"
+        if problem is None:
             return
-        for leftover in ("-wal", "-shm"):  # they belong to the lost database
-            Path(f"{self.db_path}{leftover}").unlink(missing_ok=True)
-        with closing(sqlite3.connect(self.backup_path)) as src, closing(sqlite3.connect(self.db_path)) as dst:
+        backups = self._backups()
+        if problem == "missing":
+            for leftover in ("-wal", "-shm"):  # they belong to the lost database
+                Path(f"{self.db_path}{leftover}").unlink(missing_ok=True)
+            if not backups:
+                return  # a first start
+            kept, problem = "", "not on this disk (a new container, or it was deleted)"
+        else:
+            kept = f"; the damaged file is kept as {self._put_aside().name}"
+        said = f"The job queue's database was {problem}"
+        sound = next((b for b in backups if _db_problem(b) is None), None)
+        if sound is None:
+            why = "no backup to restore" if not backups else f"its {len(backups)} backup(s) are damaged too"
+            self._notice(f"{said}; {why}, so the queue starts empty and its runs are listed again "
+                         f"from their folders{kept}.", f"database {self.db_path}")
+            return
+        with closing(sqlite3.connect(sound)) as src, closing(sqlite3.connect(self.db_path)) as dst:
             src.backup(dst)
-        log.warning("restored the job queue %s from its backup %s", self.db_path, self.backup_path)
+            count = dst.execute("SELECT count(*) FROM jobs").fetchone()[0]
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(sound.stat().st_mtime))
+        which = "" if sound == backups[0] else f" ({sound.name}: the newer copies are damaged)"
+        self._notice(f"{said}; restored {_plural(count, 'run')} from the backup of {when}{which}{kept}.",
+                     f"database {self.db_path}, backup {sound}")
+
+    def _put_aside(self) -> Path:
+        """Move the database and its -wal/-shm to ``<name>.damaged-<time>``: kept, never deleted."""
+        name = f"{self.db_path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside, n = self.db_path.with_name(name), 1
+        while aside.exists():  # a second repair within the same second
+            aside, n = self.db_path.with_name(f"{name}-{n}"), n + 1
+        for suffix in ("", "-wal", "-shm"):  # <aside>-wal: SQLite still finds the pair together
+            if Path(f"{self.db_path}{suffix}").exists():
+                os.replace(f"{self.db_path}{suffix}", f"{aside}{suffix}")
+        return aside
+
+    def _relist_folders(self) -> None:
+        """Rows again for run folders that have none (see the module docstring). Run only at start;
+        a ``submit`` racing it is harmless: ``run_id`` is unique, this inserts OR IGNOREs and
+        ``submit`` upserts."""
+        if not self.runs_root.is_dir():
+            return
+        with closing(self._connect()) as conn:
+            known = {r[0] for r in conn.execute("SELECT run_id FROM jobs")}  # a run's folder is named by its id
+        found, unowned = [], []
+        for path in sorted(self.runs_root.iterdir()):
+            if path.name in known or not (path / "config.yaml").is_file():
+                continue
+            status = RunFolder(path).status()
+            if "owner" not in status:  # no status.json: whose run it is cannot be known
+                unowned.append(path.name)
+                continue
+            found.append((status.get("created_at") or path.stat().st_mtime, path, status))
+        counts: dict[str, int] = {}
+        if found:
+            with self._transaction() as conn:
+                for created_at, path, status in sorted(found, key=lambda f: f[0]):  # queued ones keep their order
+                    state = self._relist(conn, path.resolve(), created_at, status)
+                    if state:
+                        counts[state] = counts.get(state, 0) + 1
+        if counts:
+            states = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+            self._notice(f"Listed again from their folders: {_plural(sum(counts.values()), 'run')} that had no "
+                         f"record in the job queue ({states}).", f"runs root {self.runs_root}")
+        if unowned:  # the log only: an admin's matter, and it would be said again at every start
+            log.warning("run folders in %s with a config.yaml but no status.json saying whose they are, "
+                        "not listed: %s", self.runs_root, ", ".join(unowned))
+
+    def _relist(self, conn: sqlite3.Connection, path: Path, created_at: float, status: dict) -> str | None:
+        """Insert the row for one run folder; its state, or None if a row appeared meanwhile."""
+        run = RunFolder(path)
+        state, error, ended_at = status.get("state"), status.get("error"), status.get("ended_at")
+        pid = pid_start = None
+        device = status.get("device")
+        if state == "running":
+            trainer = _find_trainer(path)
+            if trainer:  # it outlived the app: watched until it ends, never started twice
+                pid, pid_start, device = trainer
+            else:
+                state, ended_at = "interrupted", time.time()
+                error = ("the training process stopped without finishing (its record was lost with the "
+                         "queue's database); resume continues from the last complete checkpoint")
+        elif state not in STATES:
+            state, ended_at, error = "interrupted", time.time(), f"unknown state {state!r} in status.json"
+        resume = state == "queued" and bool(run.checkpoints())  # queued again by resume: continue
+        inserted = conn.execute(
+            "INSERT OR IGNORE INTO jobs (run_id, run_dir, owner, state, pid, pid_start, attempts, resume, "
+            "created_at, started_at, ended_at, error, device) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (path.name, str(path), status.get("owner") or "", state, pid, pid_start,
+             int(status.get("attempt") or 0), int(resume), created_at, status.get("started_at"),
+             ended_at, error, device)).rowcount
+        if not inserted:
+            return None
+        if state != status.get("state"):
+            run.set_status(state, ended_at=ended_at, error=error)
+        return state
+
+    # -- backup on the mounted home
+    def _backups(self) -> list[Path]:
+        """The backups that exist, newest first: ``jobs-backup.sqlite3``, then ``.1``, ``.2``, ..."""
+        if self.backup_path is None:
+            return []
+        return [p for p in (self.backup_path, *self._rotated()) if p.exists()]
+
+    def _rotated(self) -> list[Path]:
+        return [self.backup_path.with_name(f"{self.backup_path.name}.{i}") for i in range(1, BACKUPS_KEPT + 1)]
 
     def _backup(self) -> None:
         """Copy the database to ``backup_path`` (SQLite's online backup: a consistent snapshot),
-        through a temporary file so the backup is always whole. A failure is logged, never raised:
-        the queue goes on without its copy."""
+        through a temporary file so the backup is always whole. If the copy lacks runs the backup
+        has (a delete, or a database that came back smaller), the backup is rotated first, never
+        overwritten. A failure is logged, never raised: the queue goes on without its copy."""
         if self.backup_path is None:
             return
         tmp = self.backup_path.with_name(f".{self.backup_path.name}.{os.getpid()}.tmp")
@@ -185,10 +315,25 @@ class Queue:
                 self.backup_path.parent.mkdir(parents=True, exist_ok=True)
                 with closing(self._connect()) as src, closing(sqlite3.connect(tmp)) as dst:
                     src.backup(dst)
+                    # a plain rollback-journal file: read on the mount without WAL's shared memory
+                    dst.execute("PRAGMA journal_mode=DELETE")
+                    new = {r[0] for r in dst.execute("SELECT run_id FROM jobs")}
+                if self.backup_path.exists():
+                    old = _run_ids(self.backup_path)
+                    if old is None or old - new:  # unreadable, or it holds runs the copy lacks
+                        self._rotate()
                 os.replace(tmp, self.backup_path)
         except (OSError, sqlite3.Error) as exc:
             log.warning("could not back up the job queue to %s: %s", self.backup_path, exc)
             tmp.unlink(missing_ok=True)
+
+    def _rotate(self) -> None:
+        """``jobs-backup.sqlite3`` -> ``.1`` -> ``.2`` ...; the oldest past ``BACKUPS_KEPT`` goes."""
+        names = [self.backup_path, *self._rotated()]
+        for newer, older in reversed(list(zip(names, names[1:]))):
+            if newer.exists():
+                os.replace(newer, older)
+        log.info("the job queue lost runs since its last backup (a delete?): the backup moved to %s", names[1])
 
     # -- database plumbing
     def _connect(self) -> sqlite3.Connection:
@@ -264,9 +409,10 @@ class Queue:
             run.write_config(spec)
             run.set_status("queued", run_id=run_id, name=name, owner=owner, created_at=now,
                            method=spec.model.method)
-            with self._transaction() as conn:
+            with self._transaction() as conn:  # upsert: a Queue starting meanwhile may have listed the folder
                 conn.execute("INSERT INTO jobs (run_id, run_dir, owner, state, auto_resume, created_at) "
-                             "VALUES (?, ?, ?, 'queued', ?, ?)",
+                             "VALUES (?, ?, ?, 'queued', ?, ?) "
+                             "ON CONFLICT (run_id) DO UPDATE SET auto_resume = excluded.auto_resume",
                              (run_id, str(run.path.resolve()), owner or "", int(auto_resume), now))
         except BaseException:
             shutil.rmtree(run.path, ignore_errors=True)
@@ -308,6 +454,8 @@ class Queue:
                                    (run_id,)).rowcount
         if not deleted:
             raise JobError(f"{run_id} is running: cancel it before deleting it")
+        # config.yaml first: a folder left half-deleted is not listed again at the next start
+        (Path(job.run_dir) / "config.yaml").unlink(missing_ok=True)
         shutil.rmtree(job.run_dir, ignore_errors=True)
 
     def _owned(self, run_id: str, user: str | None, admin: bool) -> Job:
@@ -580,6 +728,63 @@ class Worker:
 
 
 # -- helpers ------------------------------------------------------------------------------------
+@contextmanager
+def _locked(path: Path):
+    """An exclusive lock (``flock`` on the file ``path``) held for the block, across processes."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield  # closing the file releases it
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _db_problem(path: Path) -> str | None:
+    """Why the SQLite file at ``path`` cannot be the job queue ("empty (0 bytes)", "damaged (...)"),
+    or None if it can."""
+    try:
+        if path.stat().st_size == 0:  # a database in WAL mode has its header on disk from the start
+            return "empty (0 bytes)"
+        with closing(sqlite3.connect(path, timeout=5.0)) as conn:
+            check = conn.execute("PRAGMA integrity_check").fetchall()
+            if check != [("ok",)]:
+                return f"damaged ({check[0][0]})"
+            if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'jobs'").fetchone():
+                return "without its jobs table"
+    except (OSError, sqlite3.Error) as exc:  # e.g. "file is not a database"
+        return f"damaged ({exc})"
+    return None
+
+
+def _run_ids(path: Path) -> set[str] | None:
+    """The run ids a database (a backup) holds; None if it cannot be read."""
+    try:
+        with closing(sqlite3.connect(path, timeout=5.0)) as conn:
+            return {r[0] for r in conn.execute("SELECT run_id FROM jobs")}
+    except sqlite3.Error:
+        return None
+
+
+def _find_trainer(run_dir: Path) -> tuple[int, int | None, str] | None:
+    """The live process group training ``run_dir`` (pid, start time, CUDA_VISIBLE_DEVICES or "cpu"),
+    found by the ``--config RUN_DIR/config.yaml`` in its command line (Linux ``/proc``); None if there
+    is none. Trainers outlive the app: a run that lost its row must not be started a second time."""
+    config = str(run_dir / "config.yaml").encode()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            pid = int(proc.name)
+            if config not in (proc / "cmdline").read_bytes().split(b"\0") or os.getpgid(pid) != pid:
+                continue  # not it, or one of the processes under accelerate's launcher
+            env = dict(e.split(b"=", 1) for e in (proc / "environ").read_bytes().split(b"\0") if b"=" in e)
+        except (OSError, ValueError):
+            continue
+        start = _start_time(pid)
+        if _alive(pid, start):
+            return pid, start, env.get(b"CUDA_VISIBLE_DEVICES", b"cpu").decode()
+    return None
+
+
 def _run_id(name: str) -> str:
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "run"
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}-{secrets.token_hex(2)}"
