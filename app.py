@@ -75,6 +75,8 @@ def build_ui(queue: Queue | None = None) -> gr.Blocks:
     # Gradio's own copies of uploads go after a day (ours: service.sweep_uploads)
     with gr.Blocks(title="Fine-tuning studio", delete_cache=(3600, 86400)) as demo:
         gr.Markdown("# Fine-tuning studio")
+        if queue.startup_notices:  # what the start repaired (a damaged queue database...): said to everyone
+            gr.Markdown("\n\n".join(f"**Note:** {n}" for n in queue.startup_notices))
         if ON_SPACES:
             gr.LoginButton()
         with gr.Tab(t("data")):

@@ -132,12 +132,17 @@ def _prefixes() -> list[tuple[str, str]]:
     return sorted(out, key=lambda p: -len(p[0]))  # the longest first: the home inside ~ stays STUDIO_HOME
 
 
+# an absolute path of two or more parts, not inside a URL (``https://host/a/b``)
+_ABSOLUTE = re.compile(r"(?<![\w:/.~])/(?:[^\s/'\"`]+/)+([^\s/'\"`:,;)]*)")
+
+
 def redact(text: str | None) -> str | None:
     """``text`` with the server's absolute paths made relative to the studio's home (and the
-    repository, the Python installation, the user's home)."""
+    repository, the Python installation, the user's home); any other absolute path is cut to its
+    last part (``.../name``)."""
     if not text:
         return text
     for prefix, name in _prefixes():
         if prefix:
             text = text.replace(prefix, name)
-    return text
+    return _ABSOLUTE.sub(lambda m: f".../{m.group(1)}", text)

@@ -243,10 +243,16 @@ def test_a_space_visitor_who_never_signed_in_reads_nothing(tmp_path, monkeypatch
 
     monkeypatch.setenv("STUDIO_LOCAL_HOME", str(paths.local_home()))
     monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SYSTEM", "spaces")  # what a Space sets, and Gradio reads
     monkeypatch.setenv("SPACE_ID", "owner/studio")
     monkeypatch.setenv("SPACE_AUTHOR_NAME", "owner")
     monkeypatch.delenv("STUDIO_AUTH", raising=False)
     monkeypatch.setattr(app, "ON_SPACES", True)
+    import gradio.oauth  # what hf_oauth: true gives a Space (no request leaves the machine here)
+
+    for name, value in (("OAUTH_CLIENT_ID", "id"), ("OAUTH_CLIENT_SECRET", "secret"), ("OAUTH_SCOPES", "openid profile"),
+                        ("OPENID_PROVIDER_URL", "https://huggingface.co")):
+        monkeypatch.setattr(gradio.oauth, name, value)
     fake_models(monkeypatch)
     queue = Queue(tmp_path / "jobs.sqlite3", tmp_path / "home" / "runs")
     ann = finished_run(queue, "ann", "ANN-SECRET")

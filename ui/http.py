@@ -23,12 +23,9 @@ def max_body_size() -> int:
     return parse_size(os.environ.get("STUDIO_MAX_BODY_SIZE") or MAX_BODY)
 
 
-class _TooLarge(Exception):
-    pass
-
-
 class BodyLimit:
-    """ASGI middleware: a request body over ``limit`` bytes gets 413 before the app has read it all."""
+    """ASGI middleware: a request body over ``limit`` bytes gets 413 before the app has read it all.
+    Past the bound the app is told the client left, and whatever it answers is dropped."""
 
     def __init__(self, app, limit: int | None = None, exempt: tuple[str, ...] = ("/gradio_api/upload",)):
         self.app, self.limit, self.exempt = app, limit or max_body_size(), exempt
@@ -39,29 +36,37 @@ class BodyLimit:
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
             return await self._refuse(send)
-        seen, started = 0, False
+        seen, refused, started = 0, False, False
 
         async def counted():
-            nonlocal seen
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise _TooLarge
+                    refused = True
+                    if not started:
+                        await self._refuse(send)
+                    return {"type": "http.disconnect"}
             return message
 
         async def tracked(message):
             nonlocal started
+            if refused:
+                return  # the 413 is the answer
             started = started or message["type"] == "http.response.start"
             await send(message)
 
         try:
             await self.app(scope, counted, tracked)
-        except _TooLarge:
-            if not started:
-                await self._refuse(send)
+        except Exception:
+            if not refused:
+                raise
 
-    async def _refuse(self, send):
+    @staticmethod
+    async def _refuse(send):
         body = b'{"detail": "request body too large"}'
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
