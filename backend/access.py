@@ -85,15 +85,24 @@ def allowed_roots(caller: Caller) -> list[Path]:
     return [r.resolve() for r in roots]
 
 
-def _looks_like_path(key: str, value: str) -> bool:
-    """Does a setting's value name a server file? ``hub:`` data and ``ORG/NAME`` model ids do not
-    (they are fetched from the Hub); for models, a name that exists here (from the app's or the
-    trainer's working folder) or is written as a path does."""
-    if key not in ("model", "augment_model"):
-        return not value.startswith("hub:")
+def _hub_id(value: str) -> bool:
+    """An ``ORG/NAME`` id fetched from the Hub, not a folder here (from the app's or the trainer's
+    working folder) and not written as a path."""
     here = [Path(value).expanduser(), ROOT / value]
-    return any(p.exists() for p in here) or value.startswith((".", "/", "~")) or ".." in value \
-        or value.count("/") != 1
+    return value.count("/") == 1 and not value.startswith((".", "/", "~")) and ".." not in value \
+        and not any(p.exists() for p in here)
+
+
+def _server_path(key: str, value: str) -> str | None:
+    """The server path a setting's value names, or None when it names none: ``hub:ORG/NAME[:SPLIT]``
+    data and ``ORG/NAME`` models are fetched from the Hub (``hub:`` also takes a local folder)."""
+    if key in ("model", "augment_model"):
+        return None if _hub_id(value) else value
+    if key in ("data", "mix_data") and value.startswith("hub:"):
+        ref = value[4:]
+        name = ref.rpartition(":")[0] if ":" in ref and not Path(ref).exists() else ref
+        return None if _hub_id(name) else ref
+    return value
 
 
 def confine_paths(values: dict, caller: Caller) -> None:
@@ -110,9 +119,10 @@ def confine_paths(values: dict, caller: Caller) -> None:
         value = value.strip()
         if value in SHIPPED_NAMES.get(key, ()) or (key in ("model", "augment_model") and value in EMBEDDED_ALIASES):
             continue
-        if not _looks_like_path(key, value):
+        path = _server_path(key, value)
+        if path is None:
             continue
-        resolved = Path(value).expanduser()
+        resolved = Path(path).expanduser()
         resolved = (resolved if resolved.is_absolute() else ROOT / resolved).resolve()  # the trainer's cwd
         if not any(resolved.is_relative_to(root) for root in roots):
             refused.append(key)

@@ -29,7 +29,7 @@ def list_presets() -> list[str]:
 
 def load_preset(name: str) -> dict:
     path = PRESET_DIR / f"{name}.yaml"
-    if not path.exists():
+    if name not in list_presets():  # a name, never a path: "../../x" must not read another YAML file
         raise ConfigError(f"no preset {name!r} (available: {', '.join(list_presets()) or 'none'})")
     return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
 

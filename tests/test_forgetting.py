@@ -11,6 +11,7 @@ from test_train import tiny_spec
 
 from backend import forgetting, models, playground
 from backend import train as train_mod
+from backend.access import Caller
 
 
 @pytest.fixture
@@ -159,7 +160,7 @@ def test_the_result_is_in_the_playground_while_the_meter_asks_its_questions(tmp_
 
     def watched(loaded, run_dir, **kw):
         seen["status"] = RunFolder(run_dir).status()
-        seen["listed"] = service.finished_runs(queue)
+        seen["listed"] = service.finished_runs(queue, Caller("", admin=True))
         seen["detail"] = detail_markdown(service.run_view(run_dir))
         return meter(loaded, run_dir, **kw)
 

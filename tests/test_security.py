@@ -283,3 +283,44 @@ def test_uploads_nobody_uses_are_swept(tmp_path, monkeypatch):
     assert service.sweep_uploads(queue, now=later) == [Path(stale)]
     assert Path(used).exists() and not Path(stale).exists()
     assert Path(used).parent == access.uploads_dir("alice") != access.uploads_dir("bob")
+
+
+def test_which_values_of_the_file_settings_a_web_user_may_name(tmp_path, monkeypatch):
+    """Each key of ``access.PATH_KEYS``: Hub ids and shipped names pass; anything naming a server file
+    outside the user's uploads and the allow-list is refused, ``hub:`` folders and relative paths too."""
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("STUDIO_ALLOWED_PATHS", raising=False)
+    bob = access.Caller("bob")
+    own = service.store_upload(str(FIXTURES / "alpaca.json"), user="bob")
+    alices = service.store_upload(str(FIXTURES / "alpaca.json"), user="alice")
+    allowed = [{"data": own}, {"mix_data": own}, {"data": "hub:org/name"}, {"data": "hub:org/name:test"},
+               {"mix_data": "replay"}, {"model": "HuggingFaceTB/SmolLM2-360M-Instruct"}, {"model": "embedded"},
+               {"augment_model": "org/name"}, {"accelerate_config": "ddp"}, {"accelerate_config": "fsdp"}]
+    refused_values = [{"data": alices}, {"data": "/etc/passwd"}, {"data": "README.md"}, {"data": "hub:/etc"},
+                      {"data": "hub:presets/configs"}, {"mix_data": own + "/../../../jobs.sqlite3"},
+                      {"model": "presets/configs"}, {"model": str(tmp_path)}, {"model": "../x"},
+                      {"augment_model": "/tmp"}, {"accelerate_config": "/etc/x.yaml"},
+                      {"accelerate_config": "presets/accelerate/ddp.yaml"}]
+    for values in allowed:
+        access.confine_paths(values, bob)
+    for values in refused_values:
+        with pytest.raises(access.AccessError, match=next(iter(values))):
+            access.confine_paths(values, bob)
+    link = Path(own).parent / "link.json"  # a link in one's own folder still leads outside it
+    link.symlink_to(alices)
+    with pytest.raises(access.AccessError):
+        access.confine_paths({"data": str(link)}, bob)
+    monkeypatch.setenv("STUDIO_ALLOWED_PATHS", f"{tmp_path / 'shared'}:{tmp_path / 'more'}")
+    access.confine_paths({"mix_data": str(tmp_path / "shared" / "general.json")}, bob)
+
+
+def test_a_preset_is_a_name_never_a_path(tmp_path):
+    from backend.config import ConfigError
+    from backend.presets import load_preset, preset_header
+
+    (tmp_path / "secret.yaml").write_text("# the server's secret comment\nlearning_rate: 1\n")
+    for name in (f"../../../../../../{tmp_path}/secret", str(tmp_path / "secret"), "accelerate/ddp"):
+        with pytest.raises(ConfigError, match="no preset"):
+            load_preset(name)
+        with pytest.raises(ConfigError):
+            preset_header(name)
