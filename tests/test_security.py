@@ -324,3 +324,22 @@ def test_a_preset_is_a_name_never_a_path(tmp_path):
             load_preset(name)
         with pytest.raises(ConfigError):
             preset_header(name)
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage"])
+def test_an_app_restart_on_a_damaged_queue_loses_nothing_and_says_so(tmp_path, monkeypatch, how):
+    import gradio as gr
+
+    import app
+
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "home"))
+    db, runs, backup = tmp_path / "local" / "jobs.sqlite3", tmp_path / "home" / "runs", tmp_path / "home" / "backup.sqlite3"
+    queue = Queue(db, runs, backup_path=backup)
+    made = [queue.submit(build_spec({"method": "lora", "data": "x.json"}), owner=o).run_id for o in ("ann", "bob") * 4]
+    with db.open("r+b") as f:  # what the probe did: emptied, or pages overwritten
+        f.truncate(0) if how == "truncated" else (f.seek(100), f.write(b"\xde\xad" * 4096))
+    restarted = Queue(db, runs, backup_path=backup)
+    assert [j.run_id for j in restarted.list()] == made
+    demo = app.build_ui(restarted)
+    said = " ".join(b.value for b in demo.blocks.values() if isinstance(b, gr.Markdown) and isinstance(b.value, str))
+    assert "restored 8 runs from the backup" in said and str(tmp_path) not in said, said
