@@ -32,7 +32,7 @@ from backend.jobs import Queue, Worker
 from ui.common import job_of
 from ui.data_tab import create_data_tab
 from ui.export_tab import create_export_tab
-from ui.http import BodyLimit, max_body_size
+from ui.http import BodyLimit, max_body_size, parse_size
 from ui.i18n import i18n, t
 from ui.playground_tab import create_playground_tab
 from ui.runs_tab import create_runs_tab
@@ -58,16 +58,17 @@ def queue_max() -> int:
 def build_ui(queue: Queue | None = None) -> gr.Blocks:
     queue = queue or Queue()
 
-    # gr.Request first: Gradio does not fill a keyword-only parameter after *values, and without it
-    # every run would be queued without its owner
-    def submit(request: gr.Request, data_path, fmt, mapping, *values):
-        *values, row_tokens = values
+    def submit(request: gr.Request, data_path, row_tokens, config: dict):
+        """Queue a run from a config mapping (keys as in ``--set`` and config.yaml); without a
+        ``data`` key, the dataset last checked on the Data tab."""
         caller = service.caller(request)
         if ON_SPACES and not caller.user:
             return "**Error:** sign in with Hugging Face (top of the page) to queue runs."
+        if not isinstance(config, dict):
+            return "**Error:** /submit takes a config mapping, e.g. {\"method\": \"qlora\", \"learning_rate\": 1e-4}"
         try:
-            v, preset = form_values(data_path, fmt, mapping, *values)
-            run_id = service.submit(queue, v, preset, caller=caller, row_tokens=row_tokens)
+            values, preset = form_values({"data": data_path or None, **config})
+            run_id = service.submit(queue, values, preset, caller=caller, row_tokens=row_tokens)
         except (ConfigError, data.DataError, ValueError, access.AccessError) as exc:
             return f"**Error:** {access.redact(str(exc))}"
         return f"Queued **{run_id}**: follow it in the Runs tab."
@@ -122,7 +123,9 @@ def launch(demo: gr.Blocks, **overrides):
         server_port=int(os.environ.get("PORT") or os.environ.get("GRADIO_SERVER_PORT") or 7860),
         auth=credentials if credentials and not ON_SPACES else None,
         max_file_size=os.environ.get("STUDIO_MAX_FILE_SIZE", "200mb"),
-        app_kwargs={"middleware": [Middleware(BodyLimit, limit=max_body_size())]},
+        app_kwargs={"middleware": [Middleware(BodyLimit, limit=max_body_size(),
+                                              upload_limit=parse_size(os.environ.get("STUDIO_MAX_FILE_SIZE", "200mb"))
+                                              + 2**20)]},
         i18n=i18n,
     )
     return demo.launch(**{**options, **overrides})

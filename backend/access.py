@@ -131,6 +131,34 @@ def confine_paths(values: dict, caller: Caller) -> None:
                           "allows (STUDIO_ALLOWED_PATHS) may be used from the web app")
 
 
+# -- the server's Hub token ---------------------------------------------------------------------
+def hub_ids(values: dict) -> list[str]:
+    """The Hugging Face ids a run's settings fetch: ``model``/``augment_model`` ids, ``hub:`` data."""
+    out = []
+    for key in ("model", "augment_model", "data", "mix_data"):
+        value = values.get(key)
+        if isinstance(value, str) and value.strip() and _server_path(key, value.strip()) is None:
+            out.append(value.strip().removeprefix("hub:").partition(":")[0] if key in ("data", "mix_data")
+                       else value.strip())
+    return out
+
+
+def token_allowed(values: dict, caller: Caller) -> bool:
+    """May a run of ``caller`` fetch with the server's ``HF_TOKEN``? The token opens the owner's
+    private and gated repositories, so a user other than the admin gets it only for the shipped
+    presets' models and the ids the admin lists in ``STUDIO_HUB_TOKEN_IDS`` (``*``: every id);
+    public ids need no token."""
+    from .presets import list_presets, load_preset
+
+    if caller.admin:
+        return True
+    listed = set((os.environ.get("STUDIO_HUB_TOKEN_IDS") or "").replace(",", " ").split())
+    if "*" in listed:
+        return True
+    listed |= {load_preset(name).get("model") for name in list_presets()}
+    return all(i in listed for i in hub_ids(values))
+
+
 # -- what users see -----------------------------------------------------------------------------
 def _prefixes() -> list[tuple[str, str]]:
     pairs = [(studio_home(), "STUDIO_HOME"), (local_home(), "STUDIO_LOCAL_HOME"), (ROOT, "."),
@@ -142,8 +170,9 @@ def _prefixes() -> list[tuple[str, str]]:
     return sorted(out, key=lambda p: -len(p[0]))  # the longest first: the home inside ~ stays STUDIO_HOME
 
 
-# an absolute path of two or more parts, not inside a URL (``https://host/a/b``)
-_ABSOLUTE = re.compile(r"(?<![\w:/.~])/(?:[^\s/'\"`]+/)+([^\s/'\"`:,;)]*)")
+# an absolute path of two or more parts (also after ``hub:`` or ``file://``), not a URL's path: in
+# ``https://host/a/b`` no slash is both preceded by a non-slash and followed by a part before "host"
+_ABSOLUTE = re.compile(r"(?<![\w/.~])/(?:[^\s/'\"`]+/)+([^\s/'\"`:,;)]*)")
 
 
 def redact(text: str | None) -> str | None:
@@ -155,4 +184,5 @@ def redact(text: str | None) -> str | None:
     for prefix, name in _prefixes():
         if prefix:
             text = text.replace(prefix, name)
+    text = text.replace("file:///", "file:/")  # a file URL's path is a path
     return _ABSOLUTE.sub(lambda m: f".../{m.group(1)}", text)

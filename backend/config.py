@@ -11,24 +11,39 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
+# Fixed choices, each the one source for the form, the CLI and validation. The scheduler and
+# optimizer names are transformers' own (SchedulerType, OptimizerNames; tests/test_config.py keeps
+# these lists inside them); importing them here would cost every CLI call transformers' import.
 Method = Literal["qlora", "lora", "full"]
-METHODS = ("qlora", "lora", "full")
+Format = Literal["auto", "alpaca", "prompt_completion", "messages", "sharegpt", "text"]
+Bias = Literal["none", "all", "lora_only"]
+Scheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                    "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay"]
+Optimizer = Literal["adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop", "adamw_bnb_8bit",
+                    "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "lion_8bit", "paged_lion_8bit",
+                    "lion_32bit", "ademamix", "schedule_free_adamw"]
+METHODS = get_args(Method)
+FORMATS = get_args(Format)
 
 
-def _f(default, help: str, **kw):
+def _f(default, help: str, basic: bool = False, **kw):
+    """A setting: its default and help text; ``basic`` ones are shown first in the Train tab, the
+    rest under Advanced."""
+    metadata = {"help": help, "basic": basic}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+        return field(default_factory=lambda: type(default)(default), metadata=metadata, **kw)
+    return field(default=default, metadata=metadata, **kw)
 
 
 @dataclass
 class ModelArgs:
-    model: str | None = _f(None, "Base model: None for the embedded SmolLM2-135M-Instruct, a local folder or a hub id.")
-    method: Method = _f("lora", "qlora: 4-bit base + LoRA; lora: 16-bit base + LoRA; full: every parameter.")
+    model: str | None = _f(None, "Base model: None for the embedded SmolLM2-135M-Instruct, a local folder or a hub id.",
+                           basic=True)
+    method: Method = _f("lora", "qlora: 4-bit base + LoRA; lora: 16-bit base + LoRA; full: every parameter.", basic=True)
     trust_remote_code: bool = _f(False, "Run the model repository's own Python code (only for models you trust).")
     chat_template: str | None = _f(None, "A Jinja chat template; None uses the model's own (or a plain one).")
 
@@ -36,7 +51,7 @@ class ModelArgs:
 @dataclass
 class DataArgs:
     data: str | None = _f(None, "Training data: a local file, a save_to_disk folder or hub:ORG/NAME[:SPLIT].")
-    format: str = _f("auto", "auto, alpaca, prompt_completion, messages, sharegpt or text.")
+    format: Format = _f("auto", "auto, alpaca, prompt_completion, messages, sharegpt or text.")
     mapping: dict = _f({}, "Canonical field -> column in the file, overriding detection.")
     system_prompt: str | None = _f("You are a helpful assistant.", "System prompt for rows without one, in training and generation.")
     max_length: int = _f(1024, "Longest example in tokens; longer rows are truncated and counted.")
@@ -65,7 +80,7 @@ class LoraArgs:
     deltaT: int = _f(1, "AdaLoRA: steps between reallocations.")
     target_parameters: list | None = _f(None, "Parameters (not modules) to adapt, e.g. fused MoE experts "
                                               "[mlp.experts.gate_up_proj, mlp.experts.down_proj].")
-    bias: str = _f("none", "none, all or lora_only.")
+    bias: Bias = _f("none", "none, all or lora_only.")
     use_dora: bool = _f(False, "Weight-decomposed LoRA (DoRA).")
     use_rslora: bool = _f(False, "Rank-stabilised scaling lora_alpha / sqrt(r).")
     modules_to_save: list | None = _f(None, "Modules trained fully beside LoRA (e.g. [lm_head]).")
@@ -73,16 +88,17 @@ class LoraArgs:
 
 @dataclass
 class TrainArgs:
-    learning_rate: float | None = _f(None, "Peak learning rate (method default: 2e-4 LoRA/QLoRA, 3e-5 full).")
-    num_train_epochs: float = _f(3.0, "Passes over the training data.")
+    learning_rate: float | None = _f(None, "Peak learning rate (method default: 2e-4 LoRA/QLoRA, 3e-5 full).",
+                                     basic=True)
+    num_train_epochs: float = _f(3.0, "Passes over the training data.", basic=True)
     max_steps: int = _f(-1, "Stop after this many optimizer steps (-1: use epochs).")
-    per_device_train_batch_size: int = _f(4, "Examples per step (packed without padding).")
+    per_device_train_batch_size: int = _f(4, "Examples per step (packed without padding).", basic=True)
     gradient_accumulation_steps: int | None = _f(None, "Steps whose gradients add up before an update (full default 4).")
     weight_decay: float | None = _f(None, "AdamW weight decay (full default 0.01, LoRA 0).")
     warmup_steps: float = _f(0.03, "Linear warmup: a step count, or a share of all steps when < 1.")
-    lr_scheduler_type: str = _f("cosine", "Learning-rate schedule after warmup.")
+    lr_scheduler_type: Scheduler = _f("cosine", "Learning-rate schedule after warmup.")
     max_grad_norm: float = _f(1.0, "Gradient clipping.")
-    optim: str = _f("adamw_torch", "Optimizer name as transformers names it (e.g. paged_adamw_8bit on CUDA).")
+    optim: Optimizer = _f("adamw_torch", "Optimizer name as transformers names it (e.g. paged_adamw_8bit on CUDA).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward: less memory, ~30% slower.")
     ewc_lambda: float = _f(0.0, "Full fine-tuning: strength of the EWC penalty pulling the weights general data "
                                 "relies on (Fisher diagonal on mix_data) back to the base.")
@@ -197,8 +213,11 @@ class RunSpec:
         """Gather every problem and raise once, naming the fields."""
         problems = []
         m, d, lo, t = self.model, self.data, self.lora, self.train
-        if m.method not in METHODS:
-            problems.append(f"method must be one of {', '.join(METHODS)}, not {m.method!r}")
+        for f in settings():
+            allowed = choices(f)
+            value = getattr(getattr(self, f.section), f.name)
+            if allowed and value not in allowed:
+                problems.append(f"{f.name} must be one of {', '.join(allowed)}, not {value!r}")
         checks = [
             (lo.r, int, lambda v: v > 0, "r must be a positive integer"),
             (lo.lora_alpha, (int, float), lambda v: v > 0, "lora_alpha must be positive"),
@@ -268,6 +287,36 @@ def parse_set(items: list[str]) -> dict:
     return out
 
 
-def field_help() -> dict[str, str]:
-    """Flat key -> help text, for the CLI and the UI."""
-    return {f.name: f.metadata.get("help", "") for kind in SECTIONS.values() for f in fields(kind)}
+@dataclass(frozen=True)
+class Setting:
+    """One field of the schema, as the form and the CLI see it."""
+
+    name: str
+    section: str        # model, data, lora or train
+    type: Any           # the annotation: bool, int, float, str, Literal[...], X | None, list, dict, Any
+    default: Any
+    help: str
+    basic: bool
+
+
+def settings() -> list[Setting]:
+    """Every setting in schema order: the one source the form, the CLI and the API follow."""
+    out = []
+    for section, kind in SECTIONS.items():
+        hints = get_type_hints(kind)
+        for f in fields(kind):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            out.append(Setting(f.name, section, hints[f.name], default, f.metadata.get("help", ""),
+                               f.metadata.get("basic", False)))
+    return out
+
+
+def choices(setting: Setting) -> tuple:
+    """The fixed choices of a ``Literal`` setting (also inside ``X | None``), else ()."""
+    kind = setting.type
+    if get_origin(kind) is Literal:
+        return get_args(kind)
+    for arg in get_args(kind):
+        if get_origin(arg) is Literal:
+            return get_args(arg)
+    return ()

@@ -719,6 +719,10 @@ class Worker:
                    PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
         if device != "cpu":
             env["CUDA_VISIBLE_DEVICES"] = device
+        if job.run.status().get("hub_token") is False:  # access.token_allowed: not for this run's Hub ids
+            for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+                env.pop(name, None)
+            env["HF_HUB_DISABLE_IMPLICIT_TOKEN"] = "1"  # nor the token file a login left on disk
         with open(Path(job.run_dir) / "train.log", "a", encoding="utf-8") as out:
             out.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} attempt {job.attempts} on {device}: "
                       f"{' '.join(argv)}\n")

@@ -101,7 +101,7 @@ def check_upload(path: str, user: str, fmt: str = "auto", mapping: str = "", sys
     stored = store_upload(path, user=user)
     try:
         return stored, preview(stored, fmt, mapping, None, system_prompt, max_length)
-    except data.DataError:
+    except BaseException:  # whatever went wrong, nothing of it stays
         Path(stored).unlink(missing_ok=True)
         raise
 
@@ -115,9 +115,13 @@ def make_spec(values: dict, preset: str | None = None, caller: Caller | None = N
         clean.pop("model")
     spec = build_spec(clean, preset or None)
     if caller is not None:
-        access.confine_paths({k: v for section in spec.to_dict().values() if isinstance(section, dict)
-                              for k, v in section.items()}, caller)
+        access.confine_paths(flat_settings(spec), caller)
     return spec
+
+
+def flat_settings(spec: RunSpec) -> dict:
+    """The spec as flat keys (as ``--set`` names them)."""
+    return {k: v for section in spec.to_dict().values() if isinstance(section, dict) for k, v in section.items()}
 
 
 def cli_command(spec: RunSpec, out: str = "runs/my-run") -> str:
@@ -192,6 +196,8 @@ def submit(queue, values: dict, preset: str | None = None, caller: Caller | None
     if not spec.data.data:
         raise data.DataError("no dataset: upload one in the Data tab first")
     job = queue.submit(spec, owner=caller.user if caller else "")
+    if caller is not None and not access.token_allowed(flat_settings(spec), caller):
+        job.run.set_status(hub_token=False)  # the worker starts it without the server's HF_TOKEN
     try:  # recorded so the Runs tab can show it next to the measured peak
         from . import memory
 

@@ -71,12 +71,9 @@ def test_gradio_client_uploads_queues_and_watches_a_run(queue):
         summary, *_ = client.predict(handle_file(str(SHARED / "identity_nova.json")), "auto", "",
                                      "You are a helpful assistant.", 512, api_name="/prepare")
         assert "alpaca" in summary and "91 rows" in summary
-        # model, method, preset, epochs, lr, batch, r, alpha, dropout, targets, accum, checkpointing,
-        # max_length, system_prompt, mix_data, mix_ratio, use_dora, use_rslora, modules_to_save, optim, ewc_lambda,
-        # use_adalora, early_stopping_patience
-        message = client.predict("auto", "", "", "lora", "", 0.1, 1e-3, 8, 8, 16, 0.0, "q_proj,v_proj",
-                                 1, False, 512, "You are a helpful assistant.", "", 0, False, False, "",
-                                 "adamw_torch", 0, False, 0, api_name="/submit")
+        config = {"method": "lora", "num_train_epochs": 0.1, "learning_rate": 1e-3, "per_device_train_batch_size": 8,
+                  "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "max_length": 512}
+        message = client.predict(config, api_name="/submit")  # the same keys as --set and config.yaml
         assert "Queued" in message, message
         run_id = client.predict(api_name="/list")[-1][0]
         deadline = time.time() + 600
@@ -150,3 +147,54 @@ def test_playground_endpoints_through_gradio_client(queue, tmp_path, tiny_model_
         assert (run / "forgetting.json").exists()
     finally:
         demo.close()
+
+
+def test_the_train_form_is_built_from_the_schema_with_the_presets_values(queue):
+    """Every RunSpec setting has a widget labelled with its key (the Data tab holds the data ones), with
+    the resolved preset's value; choosing a preset sets the widgets by key."""
+    import gradio as gr
+
+    import app
+    from backend.config import choices, settings
+    from ui import train_tab
+
+    demo = app.build_ui(queue)
+    by_label = {}
+    for block in demo.blocks.values():
+        if isinstance(block, gr.components.FormComponent) and getattr(block, "label", None):
+            by_label.setdefault(block.label, block)
+    spec = service.make_spec({"method": "lora"}).to_dict()
+    for s in settings():
+        if s.name in train_tab.DATA_TAB_KEYS:
+            continue
+        assert s.name in by_label, f"{s.name} cannot be reached from the Train tab"
+        w = by_label[s.name]
+        assert w.info == s.help
+        expected = train_tab.to_widget(s, spec[s.section][s.name])
+        assert train_tab.from_widget(s, w.value) == train_tab.from_widget(s, expected), s.name
+        if choices(s):
+            assert {c[1] if isinstance(c, tuple) else c for c in w.choices} == set(choices(s)), s.name
+    full = dict(zip([s.name for s in train_tab.form_settings()],
+                    train_tab.preset_defaults("", "full", "smollm2-135m-full")))  # widget values, by key
+    assert full["learning_rate"] == 1e-4 and full["num_train_epochs"] == 2  # the preset's, not lora's
+    values, preset = train_tab.form_values({**full, "target_modules": "[q_proj, v_proj]", "preset": ""})
+    assert values["target_modules"] == ["q_proj", "v_proj"] and preset is None
+
+
+def test_submit_takes_a_config_mapping_and_names_unknown_keys(queue, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import app
+
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path))
+    monkeypatch.delenv("STUDIO_AUTH", raising=False)
+    demo = app.build_ui(queue)
+    submit = next(fn.fn for fn in demo.fns.values() if fn.api_name == "submit")
+    nobody = SimpleNamespace(username=None, request=SimpleNamespace(scope={}))
+    stored = service.store_upload(str(FIXTURES / "alpaca.json"))
+    message = submit(nobody, stored, None, {"nope": 1, "lerning_rate": 2})
+    assert message.startswith("**Error:**") and "lerning_rate" in message and "nope" in message
+    assert "optim must be one of" in submit(nobody, stored, None, {"optim": "adam"})
+    assert "Queued" in submit(nobody, stored, None, {"method": "qlora", "learning_rate": 1e-4, "r": 4})
+    spec = queue.list()[-1].run.spec()
+    assert spec.model.method == "qlora" and spec.train.learning_rate == 1e-4 and spec.lora.r == 4

@@ -67,6 +67,7 @@ def studio(tmp_path, monkeypatch):
     monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("STUDIO_AUTH", ",".join(f"{u}:{p}" for u, p in USERS.items()))
     monkeypatch.setenv("STUDIO_MAX_BODY_SIZE", "64kb")
+    monkeypatch.setenv("STUDIO_MAX_FILE_SIZE", "64kb")
     monkeypatch.delenv("STUDIO_ALLOWED_PATHS", raising=False)
     monkeypatch.setattr(app, "ON_SPACES", False)
     fake_models(monkeypatch)
@@ -189,22 +190,17 @@ def test_file_settings_from_the_web_name_only_the_users_own_uploads(studio, tmp_
     as_bob.predict(handle_file(str(FIXTURES / "alpaca.json")), "auto", "", "Be brief.", 256, api_name="/prepare")
     before = len(queue.list())
     alice_upload = service.store_upload(str(FIXTURES / "alpaca.json"), user="alice")
-    form = dict(model="", method="lora", preset="", num_train_epochs=1, learning_rate=1e-3,
-                per_device_train_batch_size=2, r=8, lora_alpha=16, lora_dropout=0.0, target_modules="q_proj",
-                gradient_accumulation_steps=1, gradient_checkpointing=False, max_length=256,
-                system_prompt="Be brief.", mix_data="", mix_ratio=0.5, use_dora=False, use_rslora=False,
-                modules_to_save="", optim="adamw_torch", ewc_lambda=0, use_adalora=False,
-                early_stopping_patience=0, augment_k=0)
+    form = dict(method="lora", num_train_epochs=1, per_device_train_batch_size=2, r=8, max_length=256)
     for key, value in (("mix_data", str(secret)), ("mix_data", "../../" + secret.name), ("mix_data", alice_upload),
                        ("model", str(tmp_path)), ("model", alice.run_dir + "/adapter"), ("model", "../..")):
-        message = as_bob.predict("auto", "", *{**form, key: value}.values(), api_name="/submit")
+        message = as_bob.predict({**form, key: value}, api_name="/submit")
         assert message.startswith("**Error:**") and key in message and str(tmp_path) not in message, (key, value, message)
     assert len(queue.list()) == before
-    assert "Queued" in as_bob.predict("auto", "", *form.values(), api_name="/submit")  # his own upload
+    assert "Queued" in as_bob.predict(form, api_name="/submit")  # his own upload
     assert queue.list()[-1].owner == "bob"
     # an admin's allow-list opens a folder to everyone
     monkeypatch.setenv("STUDIO_ALLOWED_PATHS", str(tmp_path))
-    assert "Queued" in as_bob.predict("auto", "", *{**form, "mix_data": str(secret)}.values(), api_name="/submit")
+    assert "Queued" in as_bob.predict({**form, "mix_data": str(secret)}, api_name="/submit")
 
 
 def test_statuses_and_logs_show_no_server_paths(studio, tmp_path):
@@ -265,9 +261,7 @@ def test_a_space_visitor_who_never_signed_in_reads_nothing(tmp_path, monkeypatch
         for api, args in (("/export_zip", (ann.run_id,)), ("/export_zip", (ann.run_dir,)), ("/status", (ann.run_id,)),
                           ("/download", (ann.run_id,)), ("/export_merge", (ann.run_id, "auto"))):
             assert "of yours" in refused(visitor.predict, *args, api_name=api)
-        assert "sign in" in visitor.predict("auto", "", "", "lora", "", 1, 1e-3, 2, 8, 16, 0.0, "q_proj", 1, False, 256,
-                                            "", "", 0.5, False, False, "", "adamw_torch", 0, False, 0, 0,
-                                            api_name="/submit")
+        assert "sign in" in visitor.predict({"method": "lora"}, api_name="/submit")
     finally:
         demo.close()
 
@@ -343,3 +337,67 @@ def test_an_app_restart_on_a_damaged_queue_loses_nothing_and_says_so(tmp_path, m
     demo = app.build_ui(restarted)
     said = " ".join(b.value for b in demo.blocks.values() if isinstance(b, gr.Markdown) and isinstance(b.value, str))
     assert "restored 8 runs from the backup" in said and str(tmp_path) not in said, said
+
+
+def test_the_servers_hub_token_is_not_lent_for_ids_a_user_picks(tmp_path, monkeypatch):
+    """HF_TOKEN opens the owner's private repositories: a user's run that names other Hub ids starts
+    without it (and without the token file a login left); presets' models and the admin's keep it."""
+    import sys
+
+    from backend.jobs import Worker
+
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_TOKEN", "hf_owner_secret")
+    monkeypatch.delenv("STUDIO_HUB_TOKEN_IDS", raising=False)
+    queue = Queue(tmp_path / "jobs.sqlite3", tmp_path / "home" / "runs")
+    own = service.store_upload(str(FIXTURES / "alpaca.json"), user="bob")
+    bob, admin = access.Caller("bob"), access.Caller("admin", admin=True)
+    runs = {
+        "private data": service.submit(queue, {"data": "hub:owner/private-set"}, caller=bob),
+        "private model": service.submit(queue, {"data": own, "model": "owner/private-model"}, caller=bob),
+        "preset model": service.submit(queue, {"data": own, "model": "meta-llama/Llama-3.1-8B-Instruct"}, caller=bob),
+        "embedded": service.submit(queue, {"data": own}, caller=bob),
+        "admin": service.submit(queue, {"data": "hub:owner/private-set"}, caller=admin),
+    }
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    script = "import os, sys; open(sys.argv[1], 'w').write(os.environ.get('HF_TOKEN', 'none') + ' ' + " \
+             "os.environ.get('HF_HUB_DISABLE_IMPLICIT_TOKEN', '0'))"
+    worker = Worker(queue, devices=["cpu"], command=lambda job: [sys.executable, "-c", script, str(seen / job.run_id)],
+                    poll_s=0.1)
+    for _ in runs:
+        worker.tick()
+        deadline = time.time() + 30
+        while worker._running and time.time() < deadline:
+            time.sleep(0.1)
+            worker.tick()
+    got = {name: (seen / run_id).read_text() for name, run_id in runs.items()}
+    assert got == {"private data": "none 1", "private model": "none 1", "preset model": "hf_owner_secret 0",
+                   "embedded": "hf_owner_secret 0", "admin": "hf_owner_secret 0"}, got
+    monkeypatch.setenv("STUDIO_HUB_TOKEN_IDS", "owner/private-set")  # the admin lends it for one id
+    assert access.token_allowed({"data": "hub:owner/private-set:train"}, bob)
+
+
+def test_a_space_visitor_cannot_upload_or_paraphrase(tmp_path, monkeypatch):
+    import gradio as gr
+
+    from ui.data_tab import check_dataset
+    from ui.train_tab import augment_preview
+
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SPACE_ID", "owner/studio")
+    visitor = SimpleNamespace(username=None, request=SimpleNamespace(scope={}))
+    with pytest.raises(gr.Error, match="sign in"):
+        check_dataset(str(FIXTURES / "alpaca.json"), "auto", "", "", 256, visitor)
+    with pytest.raises(gr.Error, match="sign in"):
+        augment_preview(str(FIXTURES / "alpaca.json"), "auto", "", "", 1, visitor)
+    assert not (tmp_path / "home" / "uploads").exists() or not any((tmp_path / "home" / "uploads").rglob("*.json"))
+
+
+def test_the_upload_route_bounds_its_other_fields_too(studio):
+    url, *_ = studio
+    http = logged_in(url, "bob")
+    files = {"files": ("a.json", b"[]")}
+    assert http.post("/gradio_api/upload", files=files).status_code == 200
+    padding = {"note": "n" * 2 * 2**20}  # over the 64 kB file limit plus 1 MiB of room for other fields
+    assert http.post("/gradio_api/upload", files=files, data=padding).status_code == 413

@@ -80,7 +80,7 @@ def test_with_credentials_the_same_endpoints_work(server):
     client = Client(url, auth=(USER, PASSWORD), verbose=False)
     summary, *_ = client.predict(file=handle_file(str(FIXTURES / "alpaca.json")), mapping="", api_name="/prepare")
     assert "3 rows" in summary, summary
-    message = client.predict(mapping="", api_name="/submit")  # the form's defaults, the uploaded data
+    message = client.predict({}, api_name="/submit")  # the defaults, the uploaded data
     assert "Queued" in message, message
     queued = queue.list()[-1]
     assert queued.owner == USER and queued.state == "queued"
@@ -269,7 +269,7 @@ def test_on_a_space_hugging_face_sign_in_decides_who_queues(monkeypatch, tmp_pat
     demo = app.build_ui(Queue(tmp_path / "jobs.sqlite3", tmp_path / "runs"))
     assert any(isinstance(block, gr.LoginButton) for block in demo.blocks.values())
     submit = next(fn.fn for fn in demo.fns.values() if fn.api_name == "submit")
-    assert "sign in with Hugging Face" in submit(nobody, "", "auto", "", None)
+    assert "sign in with Hugging Face" in submit(nobody, "", None, {})
     options = {}
     app.launch(SimpleNamespace(launch=lambda **kw: options.update(kw)))
     assert options["auth"] is None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import gradio as gr
 
 from backend import access, service
@@ -10,6 +12,15 @@ from backend import access, service
 def error(exc: Exception) -> gr.Error:
     """A message for the page: the exception's text with the server's paths made relative."""
     return gr.Error(access.redact(str(exc)))
+
+
+def signed_in(request) -> str:
+    """The caller's user name; on a Space, a visitor who has not signed in is refused (looking is
+    free; uploading, paraphrasing and queueing take a Hugging Face sign-in)."""
+    user = service.user_of(request)
+    if os.environ.get("SPACE_ID") and not user:
+        raise gr.Error("sign in with Hugging Face (top of the page) first")
+    return user
 
 
 def job_of(queue, run_id, request):

@@ -7,6 +7,7 @@ import pandas as pd
 
 from backend import access, data, service
 
+from .common import signed_in
 from .i18n import t
 
 FORMATS = ["auto", "alpaca", "prompt_completion", "messages", "sharegpt", "text"]
@@ -29,8 +30,7 @@ def check_dataset(file, fmt, mapping, system_prompt, max_length, request: gr.Req
     if not file:
         return "Upload a dataset first.", "", None, "", None
     try:
-        stored, s = service.check_upload(file, service.user_of(request), fmt, mapping, system_prompt,
-                                         int(max_length))
+        stored, s = service.check_upload(file, signed_in(request), fmt, mapping, system_prompt, int(max_length))
     except data.DataError as exc:
         return f"**Error:** {access.redact(str(exc))}", "", None, "", None
     lengths = s["token_lengths"]

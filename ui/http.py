@@ -24,17 +24,23 @@ def max_body_size() -> int:
 
 
 class BodyLimit:
-    """ASGI middleware: a request body over ``limit`` bytes gets 413 before the app has read it all.
-    Past the bound the app is told the client left, and whatever it answers is dropped."""
+    """ASGI middleware: a request body over ``limit`` bytes gets 413 before the app has read it all
+    (an upload: over ``upload_limit``, the file limit plus room for the form's other fields, which
+    Gradio's ``max_file_size`` does not count). Past the bound the app is told the client left, and
+    whatever it answers is dropped."""
 
-    def __init__(self, app, limit: int | None = None, exempt: tuple[str, ...] = ("/gradio_api/upload",)):
-        self.app, self.limit, self.exempt = app, limit or max_body_size(), exempt
+    UPLOAD = "/gradio_api/upload"
+
+    def __init__(self, app, limit: int | None = None, upload_limit: int | None = None):
+        self.app, self.limit = app, limit or max_body_size()
+        self.upload_limit = upload_limit or parse_size(os.environ.get("STUDIO_MAX_FILE_SIZE") or "200mb") + 2**20
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope.get("path", "").rstrip("/").endswith(self.exempt):
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self.upload_limit if scope.get("path", "").rstrip("/").endswith(self.UPLOAD) else self.limit
         length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
+        if length is not None and length.isdigit() and int(length) > limit:
             return await self._refuse(send)
         seen, refused, started = 0, False, False
 
@@ -45,7 +51,7 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
+                if seen > limit:
                     refused = True
                     if not started:
                         await self._refuse(send)

@@ -1,76 +1,148 @@
-"""Train tab: base model, method, preset, hyperparameters, estimate, config and command, queue."""
+"""Train tab, generated from the RunSpec schema (``backend/config.settings``): one widget per setting,
+labelled with its key, its help text as the info line, its kind from its type. The basic settings
+are shown, the rest sit under Advanced, grouped by dataclass. What reaches the backend is a dict
+keyed by setting name, the same mapping ``--set``, ``config.yaml`` and the ``/submit`` API take.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, get_args
 
 import gradio as gr
+import yaml
 
 from backend import access, service
-from backend.config import ConfigError
+from backend.config import ConfigError, Setting, choices, settings
 from backend.presets import list_presets, load_preset, preset_header
 
+from .common import signed_in
 from .i18n import t
 
-METHODS = [
-    ("QLoRA: 4-bit base + adapters, least memory, slightly slower", "qlora"),
-    ("LoRA: 16-bit base + adapters, fast, moderate memory", "lora"),
-    ("Full: every weight trained, most memory (~16 bytes per parameter on GPU)", "full"),
-]
-FIELDS = ["model", "method", "preset", "num_train_epochs", "learning_rate", "per_device_train_batch_size",
-          "r", "lora_alpha", "lora_dropout", "target_modules", "gradient_accumulation_steps",
-          "gradient_checkpointing", "max_length", "system_prompt", "mix_data", "mix_ratio",
-          "use_dora", "use_rslora", "modules_to_save", "optim", "ewc_lambda", "use_adalora", "early_stopping_patience",
-          "augment_k"]
+DATA_TAB_KEYS = ("data", "format", "mapping", "system_prompt", "max_length")  # the Data tab's own widgets
+METHOD_LABELS = {
+    "qlora": "QLoRA: 4-bit base + adapters, least memory, slightly slower",
+    "lora": "LoRA: 16-bit base + adapters, fast, moderate memory",
+    "full": "Full: every weight trained, most memory (~16 bytes per parameter on GPU)",
+}
+SECTION_TITLES = {"model": "Model", "data": "Data", "lora": "LoRA", "train": "Training"}
 PREVIEW_COLUMNS = ["row", "original prompt", "kept paraphrases", "dropped (reason)"]
-OPTIMIZERS = ["adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_bnb_8bit", "adafactor", "sgd"]
 
 
-def _names(text) -> list[str]:
-    return [x.strip() for x in (text or "").split(",") if x.strip()]
+def form_settings() -> list[Setting]:
+    """The settings the Train tab shows: every one but those the Data tab holds."""
+    return [s for s in settings() if s.name not in DATA_TAB_KEYS]
 
 
-def form_values(data_path, fmt, mapping, *values) -> tuple[dict, str | None]:
-    v = dict(zip(FIELDS, values))
-    preset = v.pop("preset") or None
-    targets = (v.pop("target_modules") or "").strip()
-    v["target_modules"] = "all-linear" if targets in ("", "all-linear") else _names(targets)
-    v["modules_to_save"] = _names(v.get("modules_to_save")) or None
-    if v.get("method") != "full":
-        v.pop("ewc_lambda", None)  # shown for full fine-tuning only
-    v.update(data=data_path or None, format=fmt, mapping=service.parse_mapping(mapping))
-    return v, preset
+def _plain(setting: Setting) -> set:
+    """The plain types a setting's annotation allows (``float | None`` -> {float, NoneType})."""
+    return set(get_args(setting.type)) or {setting.type}
 
 
-def review(request: gr.Request, data_path, fmt, mapping, *values):
+def _as_yaml(setting: Setting) -> bool:
+    """Lists, dicts and free values are typed as YAML, as after ``--set KEY=``."""
+    return not choices(setting) and not _plain(setting) & {bool, int, float, str}
+
+
+def to_widget(setting: Setting, value: Any) -> Any:
+    if _as_yaml(setting):
+        if value is None:
+            return ""
+        text = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True)
+        return text.removesuffix("\n").removesuffix("\n...").strip()  # a scalar ends its document with "..."
+    if str in _plain(setting) and value is None:
+        return ""
+    return value
+
+
+def from_widget(setting: Setting, value: Any) -> Any:
+    """A widget's value as the setting takes it; "" and None mean "not set" (the default)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if _as_yaml(setting):
+        try:
+            return yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"{setting.name}: {value!r} is not a YAML value") from None
+    if int in _plain(setting) and float not in _plain(setting) and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def widget(setting: Setting, value: Any) -> gr.components.Component:
+    """The widget for one setting: its key as the label, its help as the info line."""
+    label, info, value = setting.name, setting.help, to_widget(setting, value)
+    if setting.name == "method":
+        return gr.Radio([(METHOD_LABELS[m], m) for m in choices(setting)], value=value, label=label, info=info)
+    if choices(setting):
+        return gr.Dropdown(list(choices(setting)), value=value, label=label, info=info)
+    kinds = _plain(setting)
+    if bool in kinds:
+        return gr.Checkbox(value=value, label=label, info=info)
+    if int in kinds and float not in kinds:
+        return gr.Number(value=value, precision=0, label=label, info=info)
+    if float in kinds:
+        return gr.Number(value=value, label=label, info=info)
+    return gr.Textbox(value=value, label=label, info=info, placeholder="(default)" if value == "" else None)
+
+
+def form_values(widget_values: dict[str, Any]) -> tuple[dict, str | None]:
+    """Widget values by key -> (flat settings for ``service.make_spec``, preset name)."""
+    by_name = {s.name: s for s in settings()}
+    values = dict(widget_values)
+    preset = values.pop("preset", None) or None
+    if isinstance(values.get("mapping"), str):
+        values["mapping"] = service.parse_mapping(values["mapping"])
+    return {k: from_widget(by_name[k], v) if k in by_name and k != "mapping" else v
+            for k, v in values.items()}, preset
+
+
+def preset_values(model, method, preset) -> dict:
+    """The settings a model, method and preset resolve to, by key."""
+    sections = service.make_spec({"model": model, "method": method}, preset or None).to_dict()
+    return {s.name: sections[s.section][s.name] for s in form_settings()}
+
+
+def preset_defaults(model, method, preset) -> list:
+    """The widgets' values for a model, method and preset, in ``form_settings`` order, so what is
+    shown is what would run."""
+    values = preset_values(model, method, preset)
+    return [to_widget(s, values[s.name]) for s in form_settings()]
+
+
+def preset_model_method(model, method, preset):
+    """A preset names its model and method: show them, and what the preset is for."""
+    if not preset:
+        return model, method, ""
+    values = load_preset(preset)
+    return values.get("model") or "", values.get("method", method), f"```\n{preset_header(preset)}\n```"
+
+
+def review(request: gr.Request, data_path, row_tokens, config: dict):
     """(config yaml, command, estimate markdown) for the form as it stands."""
-    *values, row_tokens = values
     try:
-        v, preset = form_values(data_path, fmt, mapping, *values)
-        spec = service.make_spec(v, preset, service.caller(request))
+        values, preset = form_values({**(config or {}), "data": data_path or None})
+        spec = service.make_spec(values, preset, service.caller(request))
     except (ConfigError, ValueError, PermissionError) as exc:
         message = access.redact(str(exc))
         return f"# error: {message}", "", f"**Error:** {message}"
     return service.config_yaml(spec), service.cli_command(spec), service.estimate_markdown(spec, row_tokens)
 
 
-def preset_defaults(model, method, preset):
-    """The widgets' values for a method and preset, so what is shown is what would run."""
-    spec = service.make_spec({"model": model, "method": method}, preset or None)
-    t, lo = spec.train, spec.lora
-    targets = lo.target_modules if isinstance(lo.target_modules, str) else ",".join(lo.target_modules)
-    return (t.num_train_epochs, t.learning_rate, t.per_device_train_batch_size, lo.r, lo.lora_alpha,
-            lo.lora_dropout, targets, t.gradient_accumulation_steps, spec.data.mix_ratio, lo.use_dora,
-            lo.use_rslora, ",".join(lo.modules_to_save or []), t.optim, t.ewc_lambda, lo.use_adalora,
-            t.early_stopping_patience)
-
-
 def augment_preview(data_path, fmt, mapping, model, k, request: gr.Request = None, progress=gr.Progress()):
     """The paraphrases a run with ``augment_k=k`` would add for the first 8 training prompts."""
     from backend import augment
 
+    signed_in(request)
     if not data_path:
         raise gr.Error("check a dataset on the Data tab first")
+    caller = service.caller(request)
     try:
-        access.confine_paths({"data": data_path, "model": model}, service.caller(request))
+        access.confine_paths({"data": data_path, "model": model}, caller)
     except access.AccessError as exc:
         raise gr.Error(str(exc))
+    if os.environ.get("HF_TOKEN") and not access.token_allowed({"model": model}, caller):
+        raise gr.Error(f"{model}: on this server only the admin paraphrases with Hub models outside the presets")
     k = int(k or 0) or 3
     progress(0, desc=f"paraphrasing 8 prompts x {k} with the base model...")
     try:
@@ -82,70 +154,57 @@ def augment_preview(data_path, fmt, mapping, model, k, request: gr.Request = Non
              "\n".join(f"{d['text']!r} ({d['reason']})" for d in i["dropped"]) or "–"] for i in items]
 
 
-def preset_model_method(model, method, preset):
-    """A preset names its model and method: show them, and what the preset is for."""
-    if not preset:
-        return model, method, ""
-    values = load_preset(preset)
-    return values.get("model") or "", values.get("method", method), f"```\n{preset_header(preset)}\n```"
-
-
 def create_train_tab(data_inputs: dict, submit):
+    """The form; ``submit(request, data_path, row_tokens, config)`` queues a run from the config
+    mapping and is the ``/submit`` endpoint."""
     gr.Markdown(service.hardware_summary())
+    initial = preset_values(None, "lora", "")
+    widgets: dict[str, gr.components.Component] = {}
+    basic = [s for s in form_settings() if s.basic]
     with gr.Row():
-        model = gr.Textbox("", label=t("model"))
-        method = gr.Radio(METHODS, value="lora", label=t("method"))
-        preset = gr.Dropdown([""] + list_presets(), value="", label=t("preset"))
+        for s in basic:
+            widgets[s.name] = widget(s, initial[s.name])
+        preset = gr.Dropdown([""] + list_presets(), value="", label="preset",
+                             info="Settings tuned for a model and method (presets/); empty: the embedded model's")
     preset_note = gr.Markdown()
-    with gr.Row():
-        epochs = gr.Number(3, minimum=0.1, label=t("epochs"))
-        lr = gr.Number(1e-3, minimum=0, step=1e-5, label=t("lr"))
-        batch = gr.Number(8, precision=0, minimum=1, label=t("batch"))
     with gr.Accordion(t("advanced"), open=False):
+        for section, title in SECTION_TITLES.items():
+            group = [s for s in form_settings() if s.section == section and not s.basic]
+            if group:
+                with gr.Accordion(title, open=False):
+                    for start in range(0, len(group), 4):
+                        with gr.Row():
+                            for s in group[start:start + 4]:
+                                widgets[s.name] = widget(s, initial[s.name])
         with gr.Row():
-            r = gr.Number(16, precision=0, minimum=1, label="r")
-            alpha = gr.Number(32, minimum=1, label="lora_alpha")
-            dropout = gr.Number(0.0, minimum=0, maximum=0.9, label="lora_dropout")
-            targets = gr.Textbox("all-linear", label="target_modules")
-        with gr.Row():
-            accum = gr.Number(1, precision=0, minimum=1, label="gradient_accumulation_steps")
-            checkpointing = gr.Checkbox(False, label="gradient_checkpointing")
-            mix_data = gr.Textbox("", label=t("mix_data"))
-            mix_ratio = gr.Number(0.5, minimum=0, label="mix_ratio")
-        with gr.Row():
-            use_dora = gr.Checkbox(False, label="use_dora (DoRA)")
-            use_rslora = gr.Checkbox(False, label="use_rslora (rsLoRA)")
-            modules_to_save = gr.Textbox("", label="modules_to_save (trained fully beside LoRA, e.g. lm_head)")
-            optim = gr.Dropdown(OPTIMIZERS, value="adamw_torch", allow_custom_value=True, label="optim")
-            ewc_lambda = gr.Number(0.0, minimum=0, label="ewc_lambda (full only; needs mix_data)")
-        with gr.Row():
-            use_adalora = gr.Checkbox(False, label="use_adalora (AdaLoRA: ranks reallocated while training)")
-            patience = gr.Number(0, precision=0, minimum=0,
-                                 label="early_stopping_patience (evaluations without improvement; 0: off)")
-        with gr.Row():
-            augment_k = gr.Slider(0, 5, value=0, step=1, label="augment_k (paraphrases per training prompt, by the "
-                                                                "base model; 0: off)")
             preview_btn = gr.Button(t("augment_preview"))
         preview_table = gr.Dataframe(headers=PREVIEW_COLUMNS, interactive=False, wrap=True, visible=True)
-    widgets = [model, method, preset, epochs, lr, batch, r, alpha, dropout, targets, accum, checkpointing,
-               data_inputs["max_length"], data_inputs["system_prompt"], mix_data, mix_ratio,
-               use_dora, use_rslora, modules_to_save, optim, ewc_lambda, use_adalora, patience, augment_k]
-    inputs = [data_inputs["data_path"], data_inputs["format"], data_inputs["mapping"], *widgets]
     estimate = gr.Markdown(label=t("estimate"))
     with gr.Row():
         config = gr.Code(language="yaml", label=t("config"))
         command = gr.Code(language="shell", label=t("command"))
     queue_btn = gr.Button(t("queue"), variant="primary")
     message = gr.Markdown()
-    tuned_by_preset = [epochs, lr, batch, r, alpha, dropout, targets, accum, mix_ratio, use_dora, use_rslora,
-                       modules_to_save, optim, ewc_lambda, use_adalora, patience]
-    preset.change(preset_model_method, [model, method, preset], [model, method, preset_note], api_visibility="private")
-    for w in (method, preset):
-        w.change(preset_defaults, [model, method, preset], tuned_by_preset, api_visibility="private")
-    for w in widgets + [data_inputs["data_path"]]:
-        w.change(review, inputs + [data_inputs["row_tokens"]], [config, command, estimate],
-                 api_visibility="private")
+    mapping = gr.JSON(visible=False)  # the form as one config mapping: what /submit takes
+
+    keyed = {"preset": preset, **{k: data_inputs[k] for k in DATA_TAB_KEYS if k != "data"}, **widgets}
+    names = list(keyed)
+
+    def collect(*values):
+        return dict(zip(names, values))
+
+    ordered = [widgets[s.name] for s in form_settings()]
+    preset.change(preset_model_method, [widgets["model"], widgets["method"], preset],
+                  [widgets["model"], widgets["method"], preset_note], api_visibility="private")
+    for w in (widgets["method"], preset):
+        w.change(preset_defaults, [widgets["model"], widgets["method"], preset], ordered, api_visibility="private")
+    state = [data_inputs["data_path"], data_inputs["row_tokens"]]
+    for w in [*keyed.values(), data_inputs["data_path"]]:
+        w.change(collect, list(keyed.values()), mapping, api_visibility="private").then(
+            review, [*state, mapping], [config, command, estimate], api_visibility="private")
     preview_btn.click(augment_preview, [data_inputs["data_path"], data_inputs["format"], data_inputs["mapping"],
-                                        model, augment_k], [preview_table], api_name="augment_preview")
-    queue_btn.click(submit, inputs + [data_inputs["row_tokens"]], [message], api_name="submit")
+                                        widgets["model"], widgets["augment_k"]], [preview_table],
+                      api_name="augment_preview")
+    queue_btn.click(collect, list(keyed.values()), mapping, api_visibility="private").then(
+        submit, [*state, mapping], [message], api_name="submit")
     return message
