@@ -62,6 +62,129 @@ def _chatbot(label) -> gr.Chatbot:
     return gr.Chatbot(label=label, height=360, render_markdown=False, latex_delimiters=[])
 
 
+def labels(is_blind, shown):
+    """The two chat columns' labels: A and B when blind, else which side each shows."""
+    if is_blind:
+        return gr.Chatbot(label="A"), gr.Chatbot(label="B")
+    return gr.Chatbot(label=t(shown[0])), gr.Chatbot(label=t(shown[1]))
+
+
+def forgetting_view(record):
+    """A forgetting record as (summary markdown, table of the answers the tuned model lost)."""
+    if not record:
+        return forgetting.summary(None), pd.DataFrame([], columns=FORGET_COLUMNS)
+    where = f" (checkpoint {record['checkpoint']})" if record.get("checkpoint") else ""
+    info = (f"**{forgetting.summary(record)}**{where}: of {record['total']} general questions the base "
+            f"answers {record['n']} right; the tuned model lost these:" if record["changed"] else
+            f"**{forgetting.summary(record)}**{where} (of {record['total']} general questions).")
+    rows = [[c["question"], c["base"], c["tuned"]] for c in record["changed"]]
+    return info, pd.DataFrame(rows, columns=FORGET_COLUMNS)
+
+
+class Handlers:
+    """The tab's handlers, each one backend call: module level rather than nested in the layout, so
+    each can be read, tested and named (tests call them by name)."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def refresh_runs(self, current, request: gr.Request):
+        ids = service.finished_runs(self.queue, service.caller(request))
+        value = current if current else (ids[-1] if ids else None)
+        return gr.Dropdown(choices=ids, value=value), gr.Dropdown(choices=ids)
+
+    def checkpoints(self, run_value, request: gr.Request):
+        try:
+            names = playground.list_checkpoints(run_dir_of(self.queue, run_value, request)) if run_value else []
+        except gr.Error:
+            names = []
+        return gr.Dropdown(choices=[""] + names, value="")
+
+    def do_send(self, request: gr.Request, run_value, ckpt, text, is_blind, chat_l, chat_r, *values):
+        if not text or not text.strip():
+            raise gr.Error("type a prompt")
+        loaded = _loaded(self.queue, run_value, ckpt, request)
+        sides = playground.blind_order() if is_blind else ("base", "tuned")
+        if is_blind:  # one prompt at a time, freshly shuffled
+            chat_l, chat_r = [], []
+        chats = {sides[0]: _history(chat_l), sides[1]: _history(chat_r)}
+        user = {"role": "user", "content": text}
+        messages = {side: chats[side] + [user] for side in sides}
+        hidden = gr.Row(visible=False)
+
+        def columns(answers):
+            return [literal(messages[s] + [{"role": "assistant", "content": answers[s]}]) for s in sides]
+
+        for answers in playground.stream(loaded, messages, sides, **_settings(*values)):
+            yield (*columns(answers), sides, *labels(is_blind, sides), hidden, "")
+        yield (*columns(answers), sides, *labels(is_blind, sides), gr.Row(visible=is_blind), "")
+
+    def do_vote(self, choice, run_value, shown, chat_l, chat_r, system_text, request: gr.Request = None):
+        if not chat_l or not chat_r:
+            raise gr.Error("generate a blind pair first")
+        run_dir = run_dir_of(self.queue, run_value, request)
+        chat_l, chat_r = _history(chat_l), _history(chat_r)
+        prompt_text = chat_l[-2]["content"]
+        answers = {shown[0]: chat_l[-1]["content"], shown[1]: chat_r[-1]["content"]}
+        try:
+            playground.record_vote(run_dir, prompt_text, tuple(shown), answers, choice,
+                                   user=service.user_of(request), system_prompt=system_text or None)
+        except ValueError as exc:
+            raise gr.Error(str(exc))
+        s = playground.vote_summary(run_dir)
+        rate = "–" if s["tuned_win_rate"] is None else f"{100 * s['tuned_win_rate']:.0f}%"
+        info = (f"A was **{shown[0]}**, B was **{shown[1]}**.  \nTuned win rate {rate} over {s['votes']} votes "
+                f"(tuned {s['tuned']}, base {s['base']}, tie {s['tie']}, both bad {s['both_bad']}).")
+        return gr.Row(visible=False), info, *labels(False, shown)
+
+    def do_pairs(self, run_value, request: gr.Request):
+        run_dir = run_dir_of(self.queue, run_value, request)
+        out = Path(tempfile.mkdtemp(prefix="studio-pairs-")) / f"{Path(run_dir).name}-dpo.jsonl"
+        return str(playground.export_pairs(run_dir, out))
+
+    def do_several(self, request: gr.Request, run_value, other_values, text, *values):
+        dirs = [run_dir_of(self.queue, r, request) for r in [run_value, *(other_values or [])] if r]
+        try:
+            answers = playground.compare_runs(list(dict.fromkeys(dirs)), text, **_settings(*values))
+        except playground.RunError as exc:
+            raise error(exc)
+        return pd.DataFrame(list(answers.items()), columns=["model", "answer"])
+
+    def do_load_val(self, run_value, request: gr.Request):
+        rows = playground.default_prompts(run_dir_of(self.queue, run_value, request))
+        return "\n".join(json.dumps(r, ensure_ascii=False) for r in rows)
+
+    def do_batch(self, request: gr.Request, run_value, ckpt, text, *values, progress=gr.Progress()):
+        rows = playground.parse_prompts(text)
+        if not rows:
+            raise gr.Error("paste prompts (one per line, or JSONL with prompt/reference), or load the run's")
+        loaded = _loaded(self.queue, run_value, ckpt, request)
+        progress(0, desc="generating")
+        table = playground.batch_compare(loaded, rows, progress=lambda d, n: progress(d / n, desc=f"{d}/{n}"),
+                                         **_settings(*values))
+        out = Path(tempfile.mkdtemp(prefix="studio-batch-"))
+        files = [str(playground.write_table(table, out / f"comparison.{ext}")) for ext in ("csv", "jsonl")]
+        return pd.DataFrame(table, columns=["prompt", "reference", "base", "tuned"]), files
+
+    def do_eval(self, run_value, ckpt, request: gr.Request):
+        loaded = _loaded(self.queue, run_value, ckpt, request)
+        res = evaluate(loaded, run_dir_of(self.queue, run_value, request))
+        lines = ["| | loss | perplexity | tokens |", "|---|---|---|---|"]
+        lines += [f"| {side} | {r['loss']:.4f} | {r['perplexity']:.2f} | {r['tokens']} |" for side, r in res.items()]
+        return "On the run's validation split:\n\n" + "\n".join(lines)
+
+    def do_forgetting(self, run_value, ckpt, request: gr.Request, progress=gr.Progress()):
+        loaded = _loaded(self.queue, run_value, ckpt, request)
+        progress(0, desc=f"asking {len(forgetting.load_questions())} general questions, base and tuned")
+        return forgetting_view(forgetting.meter(loaded, run_dir_of(self.queue, run_value, request)))
+
+    def stored_forgetting(self, run_value, request: gr.Request):
+        try:
+            return forgetting_view(forgetting.read(run_dir_of(self.queue, run_value, request)) if run_value else None)
+        except gr.Error:
+            return forgetting_view(None)
+
+
 def create_playground_tab(queue):
     with gr.Row():
         run = gr.Dropdown([], label=t("run"), allow_custom_value=True, scale=3)
@@ -114,133 +237,22 @@ def create_playground_tab(queue):
         forget_info = gr.Markdown()
         forget_table = gr.Dataframe(headers=FORGET_COLUMNS, interactive=False, wrap=True)
 
-    # -- handlers ---------------------------------------------------------------------------------
-    def refresh_runs(current, request: gr.Request):
-        ids = service.finished_runs(queue, service.caller(request))
-        value = current if current else (ids[-1] if ids else None)
-        return gr.Dropdown(choices=ids, value=value), gr.Dropdown(choices=ids)
-
-    def checkpoints(run_value, request: gr.Request):
-        try:
-            names = playground.list_checkpoints(run_dir_of(queue, run_value, request)) if run_value else []
-        except gr.Error:
-            names = []
-        return gr.Dropdown(choices=[""] + names, value="")
-
-    def labels(is_blind, shown):
-        if is_blind:
-            return gr.Chatbot(label="A"), gr.Chatbot(label="B")
-        return gr.Chatbot(label=t(shown[0])), gr.Chatbot(label=t(shown[1]))
-
-    def do_send(request: gr.Request, run_value, ckpt, text, is_blind, chat_l, chat_r, *values):
-        if not text or not text.strip():
-            raise gr.Error("type a prompt")
-        loaded = _loaded(queue, run_value, ckpt, request)
-        sides = playground.blind_order() if is_blind else ("base", "tuned")
-        if is_blind:  # one prompt at a time, freshly shuffled
-            chat_l, chat_r = [], []
-        chats = {sides[0]: _history(chat_l), sides[1]: _history(chat_r)}
-        user = {"role": "user", "content": text}
-        messages = {side: chats[side] + [user] for side in sides}
-        hidden = gr.Row(visible=False)
-
-        def columns(answers):
-            return [literal(messages[s] + [{"role": "assistant", "content": answers[s]}]) for s in sides]
-
-        for answers in playground.stream(loaded, messages, sides, **_settings(*values)):
-            yield (*columns(answers), sides, *labels(is_blind, sides), hidden, "")
-        yield (*columns(answers), sides, *labels(is_blind, sides), gr.Row(visible=is_blind), "")
-
-    def do_vote(choice, run_value, shown, chat_l, chat_r, system_text, request: gr.Request = None):
-        if not chat_l or not chat_r:
-            raise gr.Error("generate a blind pair first")
-        run_dir = run_dir_of(queue, run_value, request)
-        chat_l, chat_r = _history(chat_l), _history(chat_r)
-        prompt_text = chat_l[-2]["content"]
-        answers = {shown[0]: chat_l[-1]["content"], shown[1]: chat_r[-1]["content"]}
-        try:
-            playground.record_vote(run_dir, prompt_text, tuple(shown), answers, choice,
-                                   user=service.user_of(request), system_prompt=system_text or None)
-        except ValueError as exc:
-            raise gr.Error(str(exc))
-        s = playground.vote_summary(run_dir)
-        rate = "–" if s["tuned_win_rate"] is None else f"{100 * s['tuned_win_rate']:.0f}%"
-        info = (f"A was **{shown[0]}**, B was **{shown[1]}**.  \nTuned win rate {rate} over {s['votes']} votes "
-                f"(tuned {s['tuned']}, base {s['base']}, tie {s['tie']}, both bad {s['both_bad']}).")
-        return gr.Row(visible=False), info, *labels(False, shown)
-
-    def do_pairs(run_value, request: gr.Request):
-        run_dir = run_dir_of(queue, run_value, request)
-        out = Path(tempfile.mkdtemp(prefix="studio-pairs-")) / f"{Path(run_dir).name}-dpo.jsonl"
-        return str(playground.export_pairs(run_dir, out))
-
-    def do_several(request: gr.Request, run_value, other_values, text, *values):
-        dirs = [run_dir_of(queue, r, request) for r in [run_value, *(other_values or [])] if r]
-        try:
-            answers = playground.compare_runs(list(dict.fromkeys(dirs)), text, **_settings(*values))
-        except playground.RunError as exc:
-            raise error(exc)
-        return pd.DataFrame(list(answers.items()), columns=["model", "answer"])
-
-    def do_load_val(run_value, request: gr.Request):
-        rows = playground.default_prompts(run_dir_of(queue, run_value, request))
-        return "\n".join(json.dumps(r, ensure_ascii=False) for r in rows)
-
-    def do_batch(request: gr.Request, run_value, ckpt, text, *values, progress=gr.Progress()):
-        rows = playground.parse_prompts(text)
-        if not rows:
-            raise gr.Error("paste prompts (one per line, or JSONL with prompt/reference), or load the run's")
-        loaded = _loaded(queue, run_value, ckpt, request)
-        progress(0, desc="generating")
-        table = playground.batch_compare(loaded, rows, progress=lambda d, n: progress(d / n, desc=f"{d}/{n}"),
-                                         **_settings(*values))
-        out = Path(tempfile.mkdtemp(prefix="studio-batch-"))
-        files = [str(playground.write_table(table, out / f"comparison.{ext}")) for ext in ("csv", "jsonl")]
-        return pd.DataFrame(table, columns=["prompt", "reference", "base", "tuned"]), files
-
-    def do_eval(run_value, ckpt, request: gr.Request):
-        loaded = _loaded(queue, run_value, ckpt, request)
-        res = evaluate(loaded, run_dir_of(queue, run_value, request))
-        lines = ["| | loss | perplexity | tokens |", "|---|---|---|---|"]
-        lines += [f"| {side} | {r['loss']:.4f} | {r['perplexity']:.2f} | {r['tokens']} |" for side, r in res.items()]
-        return "On the run's validation split:\n\n" + "\n".join(lines)
-
-    def forgetting_view(record):
-        if not record:
-            return forgetting.summary(None), pd.DataFrame([], columns=FORGET_COLUMNS)
-        where = f" (checkpoint {record['checkpoint']})" if record.get("checkpoint") else ""
-        info = (f"**{forgetting.summary(record)}**{where}: of {record['total']} general questions the base "
-                f"answers {record['n']} right; the tuned model lost these:" if record["changed"] else
-                f"**{forgetting.summary(record)}**{where} (of {record['total']} general questions).")
-        rows = [[c["question"], c["base"], c["tuned"]] for c in record["changed"]]
-        return info, pd.DataFrame(rows, columns=FORGET_COLUMNS)
-
-    def do_forgetting(run_value, ckpt, request: gr.Request, progress=gr.Progress()):
-        loaded = _loaded(queue, run_value, ckpt, request)
-        progress(0, desc=f"asking {len(forgetting.load_questions())} general questions, base and tuned")
-        return forgetting_view(forgetting.meter(loaded, run_dir_of(queue, run_value, request)))
-
-    def stored_forgetting(run_value, request: gr.Request):
-        try:
-            return forgetting_view(forgetting.read(run_dir_of(queue, run_value, request)) if run_value else None)
-        except gr.Error:
-            return forgetting_view(None)
-
+    h = Handlers(queue)
     chats = [left, right]
-    run.change(stored_forgetting, [run], [forget_info, forget_table], api_visibility="private")
-    forget_btn.click(do_forgetting, [run, checkpoint], [forget_info, forget_table], api_name="forgetting")
-    refresh_btn.click(refresh_runs, [run], [run, others], api_visibility="private")
-    run.change(checkpoints, [run], [checkpoint], api_visibility="private")
+    run.change(h.stored_forgetting, [run], [forget_info, forget_table], api_visibility="private")
+    forget_btn.click(h.do_forgetting, [run, checkpoint], [forget_info, forget_table], api_name="forgetting")
+    refresh_btn.click(h.refresh_runs, [run], [run, others], api_visibility="private")
+    run.change(h.checkpoints, [run], [checkpoint], api_visibility="private")
     blind.change(lambda b: ([], [], *labels(b, ("base", "tuned")), gr.Row(visible=False), ""), [blind],
                  [*chats, left, right, vote_row, vote_info], api_visibility="private")
     send_outputs = [*chats, order, left, right, vote_row, vote_info]
-    send.click(do_send, [run, checkpoint, prompt, blind, *chats, *settings], send_outputs, api_name="side_by_side")
-    prompt.submit(do_send, [run, checkpoint, prompt, blind, *chats, *settings], send_outputs,
+    send.click(h.do_send, [run, checkpoint, prompt, blind, *chats, *settings], send_outputs, api_name="side_by_side")
+    prompt.submit(h.do_send, [run, checkpoint, prompt, blind, *chats, *settings], send_outputs,
                   api_visibility="private")
     clear.click(lambda: ([], []), None, chats, api_visibility="private")
     def voter(choice):
         def vote(run_value, shown, chat_l, chat_r, system_text, request: gr.Request = None):
-            return do_vote(choice, run_value, shown, chat_l, chat_r, system_text, request)
+            return h.do_vote(choice, run_value, shown, chat_l, chat_r, system_text, request)
         return vote
 
     for choice, button in votes.items():
@@ -249,10 +261,10 @@ def create_playground_tab(queue):
     def show(component):  # file boxes stay hidden until they hold something
         return dict(fn=lambda: gr.File(visible=True), inputs=None, outputs=component, api_visibility="private")
 
-    pairs_btn.click(do_pairs, [run], [pairs_file], api_name="preference_pairs").then(**show(pairs_file))
-    several_btn.click(do_several, [run, others, prompt, *settings], [several_out], api_name="compare_runs")
-    load_val.click(do_load_val, [run], [prompts], api_visibility="private")
-    batch_btn.click(do_batch, [run, checkpoint, prompts, *settings], [batch_table, batch_files],
+    pairs_btn.click(h.do_pairs, [run], [pairs_file], api_name="preference_pairs").then(**show(pairs_file))
+    several_btn.click(h.do_several, [run, others, prompt, *settings], [several_out], api_name="compare_runs")
+    load_val.click(h.do_load_val, [run], [prompts], api_visibility="private")
+    batch_btn.click(h.do_batch, [run, checkpoint, prompts, *settings], [batch_table, batch_files],
                     api_name="batch_compare").then(**show(batch_files))
-    eval_btn.click(do_eval, [run, checkpoint], [eval_out], api_name="evaluate")
-    return refresh_runs, run, others
+    eval_btn.click(h.do_eval, [run, checkpoint], [eval_out], api_name="evaluate")
+    return h.refresh_runs, run, others
