@@ -25,6 +25,7 @@ from .runs import RunFolder, overfitting_signal
 
 
 UPLOAD_TTL_S = 24 * 3600  # default of STUDIO_UPLOAD_TTL: an upload no run uses is deleted after this
+QUEUED_PER_USER = 3  # default of STUDIO_MAX_QUEUED_PER_USER: one user's runs waiting or running at once
 
 
 def store_upload(path: str, root: str | Path | None = None, user: str = "") -> str:
@@ -195,6 +196,12 @@ def submit(queue, values: dict, preset: str | None = None, caller: Caller | None
     spec = make_spec(values, preset, caller)
     if not spec.data.data:
         raise data.DataError("no dataset: upload one in the Data tab first")
+    if caller is not None and not caller.admin:  # one user cannot hold the only worker for everyone
+        limit = int(os.environ.get("STUDIO_MAX_QUEUED_PER_USER") or QUEUED_PER_USER)
+        waiting = [j for j in queue.list(owner=caller.user) if j.state in ("queued", "running")]
+        if len(waiting) >= limit:
+            raise access.AccessError(f"you have {len(waiting)} runs queued or running (at most {limit}): "
+                                     "wait for one to finish, or cancel one")
     job = queue.submit(spec, owner=caller.user if caller else "")
     if caller is not None and not access.token_allowed(flat_settings(spec), caller):
         job.run.set_status(hub_token=False)  # the worker starts it without the server's HF_TOKEN

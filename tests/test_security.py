@@ -401,3 +401,20 @@ def test_the_upload_route_bounds_its_other_fields_too(studio):
     assert http.post("/gradio_api/upload", files=files).status_code == 200
     padding = {"note": "n" * 2 * 2**20}  # over the 64 kB file limit plus 1 MiB of room for other fields
     assert http.post("/gradio_api/upload", files=files, data=padding).status_code == 413
+
+
+def test_one_user_cannot_fill_the_queue(tmp_path, monkeypatch):
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("STUDIO_MAX_QUEUED_PER_USER", "2")
+    queue = Queue(tmp_path / "jobs.sqlite3", tmp_path / "home" / "runs")
+    own = service.store_upload(str(FIXTURES / "alpaca.json"), user="bob")
+    bob = access.Caller("bob")
+    first = service.submit(queue, {"data": own}, caller=bob)
+    service.submit(queue, {"data": own}, caller=bob)
+    with pytest.raises(access.AccessError, match="at most 2"):
+        service.submit(queue, {"data": own}, caller=bob)
+    queue.cancel(first, user="bob")  # a finished (here: cancelled) run frees its place
+    service.submit(queue, {"data": own}, caller=bob)
+    admin = access.Caller("admin", admin=True)
+    for _ in range(3):  # the admin is not limited
+        service.submit(queue, {"data": service.store_upload(str(FIXTURES / "alpaca.json"), user="admin")}, caller=admin)
