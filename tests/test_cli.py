@@ -62,6 +62,13 @@ def test_bad_input_is_one_error_line_with_exit_code_2(tmp_path, args, fragments)
     assert_user_error(cli(*args), *fragments)
 
 
+@pytest.mark.parametrize("name", ["deep.json", "deep.jsonl"])
+def test_deeply_nested_json_is_one_error_line(tmp_path, name):
+    path = tmp_path / name
+    path.write_text('[{"text": ' + "[" * 100_000 + "]" * 100_000 + "}]", encoding="utf-8")
+    assert_user_error(cli("prepare", path), name, "nested too deeply")
+
+
 def test_bad_data_fails_before_any_training(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "out', encoding="utf-8")

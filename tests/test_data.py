@@ -249,6 +249,33 @@ def test_pickle_named_jsonl(tmp_path):
         data.load_records(path)
 
 
+def nested(depth: int) -> str:
+    """A row whose "extra" value is lists inside each other: ``depth`` levels counting the row
+    (data.MAX_DEPTH is 64)."""
+    return '{"text": "hi", "extra": ' + "[" * (depth - 1) + "]" * (depth - 1) + "}"
+
+
+@pytest.mark.parametrize("levels", [65, 900, 100_000])  # 100000: RecursionError before
+@pytest.mark.parametrize("name", ["deep.json", "deep.jsonl"])
+def test_json_nested_too_deeply_is_one_data_error(tmp_path, name, levels):
+    row = nested(levels - 1) if name == "deep.json" else nested(levels)  # .json: the list around it
+    path = write(tmp_path, name, f"[{row}]" if name == "deep.json" else f'{{"text": "ok"}}\n{row}\n')
+    where = r"deep\.json" if name == "deep.json" else r"deep\.jsonl, line 2"
+    with pytest.raises(DataError, match=rf"^{where}: JSON nested too deeply \(more than 64 levels"):
+        data.load_records(path)
+
+
+def test_json_nested_up_to_the_limit_loads(tmp_path):
+    assert len(data.load_records(write(tmp_path, "x.json", f"[{nested(63)}]"))) == 1
+    assert len(data.load_records(write(tmp_path, "x.jsonl", nested(64)))) == 1
+
+
+def test_a_deep_json_list_in_a_csv_cell_is_one_data_error(tmp_path):
+    path = write(tmp_path, "x.csv", 'messages\n"' + "[" * 5000 + "]" * 5000 + '"\n')
+    with pytest.raises(DataError, match=r"^x\.csv, row 1: 'messages': JSON nested too deeply"):
+        load(path)
+
+
 def test_latin1_csv_is_decoded_and_said(tmp_path):
     path = write(tmp_path, "train.csv", 'question,answer\nCafé?,"Oui, très bon"\n'.encode("latin-1"))
     summary = data.prepare(path).summary
