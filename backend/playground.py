@@ -326,15 +326,26 @@ def batch_compare(loaded: LoadedRun, prompts: list[dict], batch_size: int = 8, p
     return out
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet reads a cell starting so as a formula
+
+
+def csv_cell(value):
+    """A CSV cell a spreadsheet shows as text: model output starting like a formula (``=HYPERLINK(...)``,
+    ``+cmd|...``) gets a leading single quote, as OWASP recommends against CSV injection. Such text
+    (e.g. a ``- item`` list) then reads with the quote; the JSONL download keeps every answer exact."""
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+
+
 def write_table(rows: list[dict], path) -> Path:
-    """The comparison as CSV or JSONL, by the file's suffix."""
+    """The comparison as CSV (formula-like cells neutralised, ``csv_cell``) or JSONL (exact), by the
+    file's suffix."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".csv":
         with path.open("w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=["prompt", "reference", "base", "tuned"])
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows({k: csv_cell(v) for k, v in row.items()} for row in rows)
     else:
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path

@@ -87,6 +87,22 @@ def test_batch_comparison_with_references_to_csv_and_jsonl(loaded, lora_run, tmp
         {"prompt": "Hello", "reference": ""}, {"prompt": "Hi", "reference": "Yo"}]
 
 
+def test_formula_like_cells_are_neutralised_in_csv_and_exact_in_jsonl(tmp_path):
+    import csv
+
+    rows = [{"prompt": "=1+1", "reference": "+cmd|' /C calc'!A0", "base": "-2+3", "tuned": "@SUM(A1)"},
+            {"prompt": "\tx", "reference": "\rx", "base": "=HYPERLINK(\"http://x\")", "tuned": "fine = ok"},
+            {"prompt": "plain", "reference": None, "base": "", "tuned": "'quoted"}]
+    with playground.write_table(rows, tmp_path / "cmp.csv").open(newline="", encoding="utf-8") as f:
+        cells = list(csv.DictReader(f))
+    assert cells[0] == {"prompt": "'=1+1", "reference": "'+cmd|' /C calc'!A0", "base": "'-2+3", "tuned": "'@SUM(A1)"}
+    assert cells[1] == {"prompt": "'\tx", "reference": "'\rx", "base": "'=HYPERLINK(\"http://x\")",
+                        "tuned": "fine = ok"}
+    assert cells[2] == {"prompt": "plain", "reference": "", "base": "", "tuned": "'quoted"}  # the rest as it was
+    jsonl = playground.write_table(rows, tmp_path / "cmp.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line) for line in jsonl] == rows
+
+
 def test_blind_votes_round_trip_to_dpo_pairs(tmp_path):
     rng = random.Random(0)
     orders = {playground.blind_order(rng) for _ in range(20)}
