@@ -698,7 +698,8 @@ def _reference(job: dict, t0: float) -> dict:
     elif method == "qlora":
         model, prec = models.load_base(path, method)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=prec.weight_dtype).to(prec.device)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=prec.weight_dtype,
+                                                     use_safetensors=True).to(prec.device)  # as load_base
     counter = StepCounter()
     counter.attach(model)
     if method == "qlora":

@@ -97,9 +97,7 @@ def load_run(run_dir, checkpoint: str | None = None) -> LoadedRun:
         tuned, _ = models.load_base(str(result), "full")
         tuned.eval()
     else:
-        from peft import PeftModel
-
-        base = PeftModel.from_pretrained(base, str(result))
+        base = models.load_adapter(base, result)
     base.eval()
     return LoadedRun(spec, tokenizer, base, tuned, threading.Lock(), str(run_dir), checkpoint)
 

@@ -102,3 +102,36 @@ def test_forgetting_and_augment_commands(tmp_path, tiny_model_dir, tiny_data, mo
     assert len(rows) == 24 + stats["augmented"] and stats["originals"] == 24
     assert_user_error(cli("augment", "--data", tiny_data, "--k", 0), "--k")
     assert_user_error(cli("forgetting", "--run", tmp_path / "nothing"), "not a run folder")
+
+
+def run_folder(folder, model_dir):
+    """A finished-looking LoRA run of ``model_dir`` (its adapter file a stand-in: the model fails first)."""
+    from backend.presets import build_spec
+    from backend.runs import RunFolder
+
+    run = RunFolder(folder)
+    run.write_config(build_spec({"model": str(model_dir), "data": str(FIXTURES / "alpaca.json"), "method": "lora"}))
+    run.adapter_dir.mkdir(parents=True)
+    (run.adapter_dir / "adapter_model.safetensors").write_bytes(b"unused")
+    run.set_status("completed")
+    return folder
+
+
+def test_a_pickle_model_is_one_error_line_from_every_command_that_loads_it(tmp_path, tiny_model_dir):
+    import pickle
+    import shutil
+
+    from test_models import _Marker
+
+    model = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, model, ignore=shutil.ignore_patterns("*.safetensors"))
+    marker = tmp_path / "unpickled"
+    (model / "pytorch_model.bin").write_bytes(pickle.dumps(_Marker(marker)))
+    run = run_folder(tmp_path / "run", model)
+    data = FIXTURES / "alpaca.json"
+    for args in (["prepare", data, "--model", model], ["train", "--data", data, "--out", tmp_path / "r", "--model", model],
+                 ["generate", "--run", run, "--prompt", "hi"], ["eval", "--run", run],
+                 ["export", "--run", run, "--merge", tmp_path / "merged"], ["forgetting", "--run", run],
+                 ["augment", "--data", data, "--model", model, "--limit", 1]):
+        assert_user_error(cli(*args), "pytorch_model.bin", "safetensors are required")
+    assert not marker.exists()
