@@ -83,10 +83,13 @@ def load_run(run_dir, checkpoint: str | None = None) -> LoadedRun:
     if not run.exists():
         raise RunError(f"{run_dir} is not a run folder (no config.yaml)")
     spec = run.spec()
+    # A checkpoint is named only as the run lists it: never a path ("../adapter", "/elsewhere").
+    listed = list_checkpoints(run_dir) if checkpoint else []
+    if checkpoint and checkpoint not in listed:
+        raise RunError(f"{run_dir} has no checkpoint {checkpoint!r} (its checkpoints: {', '.join(listed) or 'none'})")
     result = run.checkpoints_dir / checkpoint if checkpoint else run.result_dir()
     if result is None or not result.exists():
-        what = f"no checkpoint {checkpoint}" if checkpoint else "no trained result yet"
-        raise RunError(f"{run_dir} has {what} (state: {run.status().get('state')})")
+        raise RunError(f"{run_dir} has no trained result yet (state: {run.status().get('state')})")
     model_path = models.resolve_model(spec.model.model)
     tokenizer = template.setup_chat_template(
         models.load_tokenizer(model_path, spec.model.trust_remote_code), spec.model.chat_template

@@ -56,6 +56,11 @@ def test_prepare_with_mapping_and_unicode(tmp_path):
     (["train", "--out", "{tmp}/r"], ["--data"]),
     (["generate", "--run", "{tmp}", "--prompt", "hi"], ["not a run folder"]),
     (["eval", "--run", "{tmp}"], ["not a run folder"]),
+    (["eval", "--run", "{tmp}/nothing-here"], ["not a run folder"]),
+    (["export", "--run", "{tmp}", "--zip", "{tmp}/x.zip"], ["not a run folder"]),
+    (["export", "--run", "{tmp}", "--merge", "{tmp}/merged"], ["not a run folder"]),
+    (["forgetting", "--run", "{tmp}/config.yaml"], ["not a run folder"]),
+    (["train", "--config", "{tmp}/nothing-here/config.yaml"], ["cannot read"]),
 ])
 def test_bad_input_is_one_error_line_with_exit_code_2(tmp_path, args, fragments):
     args = [str(a).replace("{tmp}", str(tmp_path)) for a in args]
@@ -135,3 +140,27 @@ def test_a_pickle_model_is_one_error_line_from_every_command_that_loads_it(tmp_p
                  ["augment", "--data", data, "--model", model, "--limit", 1]):
         assert_user_error(cli(*args), "pytorch_model.bin", "safetensors are required")
     assert not marker.exists()
+
+
+def test_checkpoints_are_named_only_as_the_run_lists_them(tmp_path, tiny_model_dir):
+    run = run_folder(tmp_path / "run", tiny_model_dir)
+    for name in ("../adapter", str(run / "adapter"), "checkpoint-1"):
+        assert_user_error(cli("forgetting", "--run", run, "--checkpoint", name), "no checkpoint", "none")
+
+
+@pytest.mark.parametrize("content,fragment", [
+    (None, "No such file"), ("[{\"q\": 1}]", "question 1: expected"), ("{not json", "Expecting"), ("5", "--questions")])
+def test_bad_questions_file_is_one_error_line(tmp_path, tiny_model_dir, content, fragment):
+    questions = tmp_path / "questions.json"
+    if content is not None:
+        questions.write_text(content)
+    run = run_folder(tmp_path / "run", tiny_model_dir)
+    assert_user_error(cli("forgetting", "--run", run, "--questions", questions), "--questions", fragment)
+
+
+def test_a_run_with_a_broken_config_is_one_error_line(tmp_path, tiny_model_dir):
+    run = run_folder(tmp_path / "run", tiny_model_dir)
+    (run / "config.yaml").write_text("model: [\n  - : :\n")  # YAML's own message spans several lines
+    for args in (["generate", "--run", run, "--prompt", "hi"], ["export", "--run", run, "--zip", tmp_path / "x.zip"],
+                 ["train", "--config", run / "config.yaml", "--resume"]):
+        assert_user_error(cli(*args), "not valid YAML")

@@ -69,6 +69,23 @@ def test_checkpoints_and_cache(lora_run):
         playground.load_run(lora_run, "checkpoint-999")
 
 
+def test_a_checkpoint_is_named_only_as_the_run_lists_it(tmp_path, tiny_model_dir, tiny_data):
+    from backend.presets import build_spec
+    from backend.runs import COMPLETE_MARK, RunFolder
+
+    run = RunFolder(tmp_path / "run")
+    run.write_config(build_spec({"model": str(tiny_model_dir), "data": str(tiny_data), "method": "lora"}))
+    for folder in (run.adapter_dir, run.checkpoints_dir / "checkpoint-2", tmp_path / "elsewhere"):
+        folder.mkdir(parents=True)
+        (folder / "adapter_model.safetensors").write_bytes(b"x")
+    (run.checkpoints_dir / "checkpoint-2" / COMPLETE_MARK).touch()
+    assert playground.list_checkpoints(run.path) == ["checkpoint-2"]
+    for name in ("../adapter", str(run.adapter_dir), str(tmp_path / "elsewhere"), "checkpoint-2/../../adapter",
+                 "checkpoint-1"):
+        with pytest.raises(playground.RunError, match=r"no checkpoint .*\(its checkpoints: checkpoint-2\)"):
+            playground.load_run(run.path, name)
+
+
 def test_batch_comparison_with_references_to_csv_and_jsonl(loaded, lora_run, tmp_path):
     prompts = playground.default_prompts(lora_run)
     assert prompts and all(p["reference"] for p in prompts)
