@@ -156,7 +156,13 @@ def cmd_forgetting(a) -> int:
     from . import forgetting
     from .playground import load_run
 
-    result = forgetting.meter(load_run(a.run, a.checkpoint), a.run, questions=a.questions)
+    try:  # before the models load: a wrong file fails in a second
+        questions = forgetting.load_questions(a.questions)
+    except OSError as exc:
+        raise UsageError(f"--questions {a.questions}: {exc.strerror or exc}") from exc
+    except (ValueError, TypeError, RecursionError) as exc:  # not JSON, or not a list of {question, answers}
+        raise UsageError(f"--questions {a.questions}: {exc}") from exc
+    result = forgetting.meter(load_run(a.run, a.checkpoint), a.run, questions=questions)
     if a.json:
         print(json.dumps(result, ensure_ascii=False))
         return 0
@@ -337,8 +343,8 @@ def main(argv=None) -> int:
     _quiet_libraries()
     try:
         return args.func(args)
-    except _user_errors() as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except _user_errors() as exc:  # one line, even for a message that spans several (e.g. YAML's)
+        print("error: " + " ".join(line.strip() for line in str(exc).splitlines() if line.strip()), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: cancelled", file=sys.stderr)

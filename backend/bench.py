@@ -350,7 +350,7 @@ def _spawn(job: dict, work: Path, device: str, timeout: float) -> dict:
 
 
 # -- turning a variant's raw numbers into a row ----------------------------------------------------
-def _row(plan: dict, method: str, variant: str, raw: dict, spec, device: str, peak: float) -> dict:
+def _row(plan: dict, method: str, variant: str, raw: dict, spec, device: str, peak: int) -> dict:
     row = dict.fromkeys(ROW_KEYS)
     row.update(model=plan["name"], method=method, variant=variant, error=raw.get("error"))
     if row["error"]:
@@ -372,7 +372,7 @@ def _row(plan: dict, method: str, variant: str, raw: dict, spec, device: str, pe
         mean_row_tokens=round(sum(s["tokens"] for s in steps) / max(rows, 1), 1),
         padding_share=round(1 - sum(s["tokens"] for s in steps) / max(sum(s["positions"] for s in steps), 1), 4),
         peak_memory_mb=raw["peak_memory_mb"],
-        flops_per_token=round(flops / tokens) if tokens else None, matmul_peak_flops=round(peak),
+        flops_per_token=round(flops / tokens) if tokens else None, matmul_peak_flops=peak,
         mfu=round(flops / seconds / peak, 4) if seconds > 0 and tokens else None,
         logged_tokens_per_second=raw.get("logged_tokens_per_second"),
         loss_first=raw["losses"][0] if raw["losses"] else None,
@@ -414,8 +414,11 @@ def model_flops(config, method: str, tokens: int, pairs: int) -> float:
     return c * n * tokens + 12 * t.num_hidden_layers * d * pairs
 
 
-def matmul_peak(device: str, n: int | None = None, repeats: int = 10) -> tuple[float, str]:
-    """FLOP/s of the best of ``repeats`` square matmuls: fp32 on CPU (n=2048), bf16 on CUDA (n=8192)."""
+def matmul_peak(device: str, n: int | None = None, repeats: int = 10) -> tuple[int, str]:
+    """FLOP/s of the best of ``repeats`` square matmuls: fp32 on CPU (n=2048), bf16 on CUDA (n=8192).
+
+    Whole FLOP/s: the run's peak and each variant's are stored as measured here, so a row's peak
+    (the larger of the two) is never below the run's by a rounding."""
     import torch
 
     if device == "cuda":
@@ -439,7 +442,7 @@ def matmul_peak(device: str, n: int | None = None, repeats: int = 10) -> tuple[f
             t0 = time.perf_counter()
             a @ b
             best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best, str(dtype).replace("torch.", "")
+    return round(2 * n**3 / best), str(dtype).replace("torch.", "")
 
 
 def bnb_available(device: str) -> bool:
@@ -695,7 +698,8 @@ def _reference(job: dict, t0: float) -> dict:
     elif method == "qlora":
         model, prec = models.load_base(path, method)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=prec.weight_dtype).to(prec.device)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=prec.weight_dtype,
+                                                     use_safetensors=True).to(prec.device)  # as load_base
     counter = StepCounter()
     counter.attach(model)
     if method == "qlora":

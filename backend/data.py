@@ -45,6 +45,7 @@ FIELDS = {"instruction", "input", "output", "system", "history", "prompt", "comp
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant",
          "gpt": "assistant", "model": "assistant", "bot": "assistant"}
 SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".parquet", ".txt")
+MAX_DEPTH = 64  # lists and objects inside each other in one JSON document; a messages file needs 4
 
 
 class DataError(ValueError):
@@ -205,12 +206,37 @@ def _read_csv(text: str, name: str, delimiter: str) -> list[dict]:
     return rows
 
 
+def _loads(text: str, where: str):
+    """``json.loads``, with nesting deeper than ``MAX_DEPTH`` one DataError. Python's parser recurses:
+    about 1000 levels crash it with a RecursionError, and fewer would reach whatever walks the rows."""
+    too_deep = DataError(f"{where}: JSON nested too deeply (more than {MAX_DEPTH} levels of lists and objects)")
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise too_deep from None
+    if _too_deep(value):
+        raise too_deep
+    return value
+
+
+def _too_deep(value) -> bool:
+    """Whether lists and dicts nest more than ``MAX_DEPTH`` levels; a loop, not recursion."""
+    stack = [(value, 1)] if isinstance(value, (list, dict)) else []
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (list, dict)))
+    return False
+
+
 def _read_json(text: str, name: str, lines: bool) -> tuple[list[dict], list[str]]:
     """A JSON list (or {"data"/"train": [...]}) or JSON lines; .json holding JSON lines is accepted."""
     if lines and not text.lstrip().startswith("["):
         return _read_json_lines(text, name), []
     try:
-        data = json.loads(text)
+        data = _loads(text, name)
     except json.JSONDecodeError as exc:
         if exc.msg != "Extra data":  # "Extra data" after a first object: JSON lines in a .json file
             raise DataError(f"{name}, line {exc.lineno}: invalid JSON ({exc.msg})") from None
@@ -235,7 +261,7 @@ def _read_json_lines(text: str, name: str) -> list[dict]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = _loads(line, f"{name}, line {i}")
         except json.JSONDecodeError as exc:
             cut = i == last > 1 and line.lstrip().startswith("{") and not line.rstrip().endswith("}")
             raise DataError(f"{name}, line {i}: invalid JSON ({exc.msg}) near {_snippet(line.strip())}"
@@ -387,7 +413,7 @@ def _text_row(row: dict, where: str) -> list[dict]:
 def _json_list(value, key: str, where: str) -> list:
     if isinstance(value, str):  # a list stored as a JSON string, as CSV files do
         try:
-            value = json.loads(value)
+            value = _loads(value, f"{where}: {key!r}")
         except json.JSONDecodeError:
             raise DataError(f"{where}: {key!r} should be a list, found text {_snippet(value)}") from None
     if not isinstance(value, (list, tuple)):

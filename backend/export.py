@@ -141,17 +141,14 @@ def _torch_dtype(name: str):
 
 
 def _save_merged(spec: RunSpec, adapter_dir: Path, target: Path, dtype: str) -> None:
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     model_path = models.resolve_model(spec.model.model)
-    try:  # unquantised even for qlora: merging into 4-bit weights would round the update away
-        base = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=_torch_dtype(dtype), **models.hub_kwargs(spec.model.trust_remote_code)
+    with models.load_errors(model_path):  # unquantised even for qlora: merging into 4-bit weights would round the update away
+        base = AutoModelForCausalLM.from_pretrained(  # safetensors only, as models.load_base
+            model_path, dtype=_torch_dtype(dtype), use_safetensors=True, **models.hub_kwargs(spec.model.trust_remote_code)
         )
-    except (OSError, ValueError) as exc:
-        raise models.explain_load_error(model_path, exc) from exc
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged = models.load_adapter(base, adapter_dir).merge_and_unload()
     merged.save_pretrained(target)  # safetensors (the only format transformers 5 writes)
 
 
@@ -162,7 +159,9 @@ def _save_full(model_dir: Path, target: Path, dtype: str | None) -> str:
         return str(config.get("dtype") or config.get("torch_dtype") or "float32")
     from transformers import AutoModelForCausalLM
 
-    AutoModelForCausalLM.from_pretrained(model_dir, dtype=_torch_dtype(dtype)).save_pretrained(target)
+    with models.load_errors(str(model_dir)):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_torch_dtype(dtype), use_safetensors=True)
+    model.save_pretrained(target)
     return dtype
 
 

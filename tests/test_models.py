@@ -104,3 +104,113 @@ def test_load_base_passes_local_rank_to_from_pretrained(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK")
     models.load_base("some/model", "qlora")
     assert calls["kwargs"]["device_map"] == {"": 0}
+
+
+# -- model folders that fail to load: one ModelError each, and no pickle ever runs ------------------
+class _Marker:
+    """Unpickling this creates the file at ``path``: proof that a pickle ran."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def copy_of(model_dir, folder, weights=True):
+    import shutil
+
+    shutil.copytree(model_dir, folder, ignore=None if weights else shutil.ignore_patterns("*.safetensors"))
+    return folder
+
+
+def test_pickle_weights_are_refused_and_never_unpickled(tmp_path, tiny_model_dir):
+    import pickle
+
+    folder = copy_of(tiny_model_dir, tmp_path / "pickled", weights=False)
+    marker = tmp_path / "unpickled"
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(_Marker(marker)))
+    with pytest.raises(models.ModelError, match=r"pickle \(pytorch_model\.bin\).*safetensors are required"):
+        models.resolve_model(str(folder))
+    with pytest.raises(models.ModelError, match="no safetensors weights"):  # past resolve_model: still refused
+        models.load_base(str(folder), "lora")
+    assert not marker.exists()
+
+
+def test_adapter_saved_as_pickle_is_refused(tmp_path, tiny_model_dir):
+    import pickle
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    marker = tmp_path / "unpickled"
+    (adapter / "adapter_model.bin").write_bytes(pickle.dumps(_Marker(marker)))
+    base, _ = models.load_base(str(tiny_model_dir), "lora")
+    with pytest.raises(models.ModelError, match=r"adapter weights only as a pickle.*safetensors are required"):
+        models.load_adapter(base, adapter)
+    assert not marker.exists()
+
+
+def _garbage(folder):
+    (folder / "model.safetensors").write_bytes(b"\x00" * 16 + b"not safetensors")
+
+
+def _cut(folder):
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4096])
+
+
+def _resized(folder):
+    import json
+
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, hidden_size=128, intermediate_size=256)))
+
+
+def _no_weights(folder):
+    (folder / "model.safetensors").unlink()
+
+
+def _config_list(folder):
+    (folder / "config.json").write_text("[1, 2]")
+
+
+def _bad_index(folder):  # sharded weights whose index names a missing shard
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+    (folder / "model.safetensors.index.json").write_text('{"weight_map": {"lm_head.weight": "missing.safetensors"}}')
+
+
+@pytest.mark.parametrize("damage,message", [
+    (_garbage, "SafetensorError"), (_cut, "SafetensorError"), (_resized, "do not fit its config.json"),
+    (_no_weights, "no safetensors weights"), (_config_list, "could not load"), (_bad_index, "could not load"),
+])
+def test_a_broken_model_folder_is_one_model_error(tmp_path, tiny_model_dir, damage, message):
+    folder = copy_of(tiny_model_dir, tmp_path / "broken")
+    damage(folder)
+    with pytest.raises(models.ModelError, match=message):
+        models.load_base(models.resolve_model(str(folder)), "lora")
+
+
+def test_an_adapter_of_another_base_is_one_model_error(tmp_path, tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    other = copy_of(tiny_model_dir, tmp_path / "other")
+    _resized(other)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    wide = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(other))
+    get_peft_model(wide, LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path / "adapter")
+    base, _ = models.load_base(str(tiny_model_dir), "lora")
+    with pytest.raises(models.ModelError, match="could not load .*adapter"):
+        models.load_adapter(base, tmp_path / "adapter")
+
+
+def test_out_of_memory_while_loading_stays_itself(monkeypatch, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", oom)
+    with pytest.raises(torch.OutOfMemoryError):  # the queue retries it with a smaller batch
+        models.load_base(str(tiny_model_dir), "lora")

@@ -69,6 +69,23 @@ def test_checkpoints_and_cache(lora_run):
         playground.load_run(lora_run, "checkpoint-999")
 
 
+def test_a_checkpoint_is_named_only_as_the_run_lists_it(tmp_path, tiny_model_dir, tiny_data):
+    from backend.presets import build_spec
+    from backend.runs import COMPLETE_MARK, RunFolder
+
+    run = RunFolder(tmp_path / "run")
+    run.write_config(build_spec({"model": str(tiny_model_dir), "data": str(tiny_data), "method": "lora"}))
+    for folder in (run.adapter_dir, run.checkpoints_dir / "checkpoint-2", tmp_path / "elsewhere"):
+        folder.mkdir(parents=True)
+        (folder / "adapter_model.safetensors").write_bytes(b"x")
+    (run.checkpoints_dir / "checkpoint-2" / COMPLETE_MARK).touch()
+    assert playground.list_checkpoints(run.path) == ["checkpoint-2"]
+    for name in ("../adapter", str(run.adapter_dir), str(tmp_path / "elsewhere"), "checkpoint-2/../../adapter",
+                 "checkpoint-1"):
+        with pytest.raises(playground.RunError, match=r"no checkpoint .*\(its checkpoints: checkpoint-2\)"):
+            playground.load_run(run.path, name)
+
+
 def test_batch_comparison_with_references_to_csv_and_jsonl(loaded, lora_run, tmp_path):
     prompts = playground.default_prompts(lora_run)
     assert prompts and all(p["reference"] for p in prompts)
@@ -85,6 +102,22 @@ def test_batch_comparison_with_references_to_csv_and_jsonl(loaded, lora_run, tmp
     assert [json.loads(line)["prompt"] for line in jsonl] == [p["prompt"] for p in prompts]
     assert playground.parse_prompts('Hello\n\n{"prompt": "Hi", "reference": "Yo"}') == [
         {"prompt": "Hello", "reference": ""}, {"prompt": "Hi", "reference": "Yo"}]
+
+
+def test_formula_like_cells_are_neutralised_in_csv_and_exact_in_jsonl(tmp_path):
+    import csv
+
+    rows = [{"prompt": "=1+1", "reference": "+cmd|' /C calc'!A0", "base": "-2+3", "tuned": "@SUM(A1)"},
+            {"prompt": "\tx", "reference": "\rx", "base": "=HYPERLINK(\"http://x\")", "tuned": "fine = ok"},
+            {"prompt": "plain", "reference": None, "base": "", "tuned": "'quoted"}]
+    with playground.write_table(rows, tmp_path / "cmp.csv").open(newline="", encoding="utf-8") as f:
+        cells = list(csv.DictReader(f))
+    assert cells[0] == {"prompt": "'=1+1", "reference": "'+cmd|' /C calc'!A0", "base": "'-2+3", "tuned": "'@SUM(A1)"}
+    assert cells[1] == {"prompt": "'\tx", "reference": "'\rx", "base": "'=HYPERLINK(\"http://x\")",
+                        "tuned": "fine = ok"}
+    assert cells[2] == {"prompt": "plain", "reference": "", "base": "", "tuned": "'quoted"}  # the rest as it was
+    jsonl = playground.write_table(rows, tmp_path / "cmp.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line) for line in jsonl] == rows
 
 
 def test_blind_votes_round_trip_to_dpo_pairs(tmp_path):
