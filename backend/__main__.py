@@ -11,6 +11,8 @@ import logging
 import os
 import sys
 
+from .config import FORMATS, METHODS, DataArgs, TrainArgs  # choices and defaults: the one schema
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
@@ -237,19 +239,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("prepare", help="check and summarise a dataset")
     s.add_argument("data")
-    s.add_argument("--format", default="auto",
-                   choices=["auto", "alpaca", "prompt_completion", "messages", "sharegpt", "text"])
+    s.add_argument("--format", default=DataArgs.format, choices=FORMATS)
     s.add_argument("--map", action="append", metavar="FIELD=COLUMN")
     s.add_argument("--model")
-    s.add_argument("--max-length", type=int, default=1024)
-    s.add_argument("--system", default="You are a helpful assistant.")
+    s.add_argument("--max-length", type=int, default=DataArgs.max_length)
+    s.add_argument("--system", default=DataArgs.system_prompt)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_prepare)
 
     s = sub.add_parser("train", help="train a run (or resume one from its config.yaml)")
     s.add_argument("--data")
     s.add_argument("--out")
-    s.add_argument("--method", choices=["qlora", "lora", "full"])
+    s.add_argument("--method", choices=METHODS)
     s.add_argument("--model")
     s.add_argument("--preset")
     s.add_argument("--set", action="append", metavar="KEY=VALUE")
@@ -304,12 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the new rows). Training with --set augment_k=K does this inside the run.")
     s.add_argument("--data", required=True)
     s.add_argument("--k", type=int, default=3)
-    s.add_argument("--seed", type=int, default=42)
+    s.add_argument("--seed", type=int, default=TrainArgs.seed)
     s.add_argument("--limit", type=int, default=8)
     s.add_argument("--model", help="the paraphrasing instruct model (default: the embedded one)")
-    s.add_argument("--format", default="auto")
+    s.add_argument("--format", default=DataArgs.format, choices=FORMATS)
     s.add_argument("--map", action="append", metavar="FIELD=COLUMN")
-    s.add_argument("--val-size", type=float, default=0.1, help="the run's val_size (the preview shows its training split)")
+    s.add_argument("--val-size", type=float, default=DataArgs.val_size,
+                   help="the run's val_size (the preview shows its training split)")
     s.add_argument("--out", help="write the augmented data set here (JSONL)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_augment)
@@ -319,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "reference loop on the same data; prints a markdown table row by row "
                                    "(see backend/bench.py for the definitions).")
     s.add_argument("--json", metavar="FILE", help="write every number here (rewritten after each row)")
-    s.add_argument("--methods", default="qlora,lora,full", help="comma list of qlora, lora, full")
+    s.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
     s.add_argument("--data", help="default: ../shared/data/identity_nova.json")
     s.add_argument("--model", help="default: the embedded SmolLM2-135M-Instruct")
     s.add_argument("--steps", type=int, default=6, help="optimizer steps per variant; the first is not timed")

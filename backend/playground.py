@@ -78,18 +78,24 @@ def list_checkpoints(run_dir) -> list[str]:
     return [p.name for p in sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[-1]))]
 
 
-def load_run(run_dir, checkpoint: str | None = None) -> LoadedRun:
+def result_dir(run_dir, checkpoint: str | None = None) -> Path:
+    """The weights to load: the run's result, or one of its checkpoints, named only as the run lists
+    it (never a path: "../adapter", "/elsewhere")."""
     run = RunFolder(run_dir)
     if not run.exists():
         raise RunError(f"{run_dir} is not a run folder (no config.yaml)")
-    spec = run.spec()
-    # A checkpoint is named only as the run lists it: never a path ("../adapter", "/elsewhere").
     listed = list_checkpoints(run_dir) if checkpoint else []
     if checkpoint and checkpoint not in listed:
         raise RunError(f"{run_dir} has no checkpoint {checkpoint!r} (its checkpoints: {', '.join(listed) or 'none'})")
     result = run.checkpoints_dir / checkpoint if checkpoint else run.result_dir()
     if result is None or not result.exists():
         raise RunError(f"{run_dir} has no trained result yet (state: {run.status().get('state')})")
+    return result
+
+
+def load_run(run_dir, checkpoint: str | None = None) -> LoadedRun:
+    result = result_dir(run_dir, checkpoint)
+    spec = RunFolder(run_dir).spec()
     model_path = models.resolve_model(spec.model.model)
     tokenizer = template.setup_chat_template(
         models.load_tokenizer(model_path, spec.model.trust_remote_code), spec.model.chat_template

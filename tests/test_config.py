@@ -55,3 +55,35 @@ def test_every_preset_loads_and_has_a_header(name):
     assert text.startswith("#") and "memory" in text.lower()
     RunSpec.from_flat(load_preset(name))
     assert yaml.safe_load(text)
+
+
+def test_fixed_choices_are_the_libraries_and_the_data_readers_own():
+    """The Literal choices in config.py are the one list the form, the CLI and validation use; they stay
+    inside what transformers and backend.data accept."""
+    from typing import get_args
+
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    from backend import data
+    from backend.config import FORMATS, Optimizer, Scheduler
+
+    assert set(get_args(Optimizer)) <= {o.value for o in OptimizerNames}
+    assert set(get_args(Scheduler)) <= {s.value for s in SchedulerType}
+    assert FORMATS == ("auto", *data.FORMATS)
+    for key, bad in (("optim", "adam"), ("lr_scheduler_type", "cosinus"), ("bias", "some"), ("format", "csv")):
+        with pytest.raises(ConfigError, match=f"{key} must be one of"):
+            RunSpec.from_flat({key: bad})
+
+
+def test_the_cli_takes_its_choices_and_defaults_from_the_schema():
+    from backend.__main__ import build_parser
+    from backend.config import FORMATS, METHODS, DataArgs
+
+    parser = build_parser()
+    prepare = parser.parse_args(["prepare", "x.json"])
+    assert prepare.format == DataArgs.format and prepare.max_length == DataArgs.max_length
+    assert prepare.system == DataArgs.system_prompt
+    actions = {a.dest: a for sub in parser._subparsers._group_actions for name, p in sub.choices.items()
+               for a in p._actions if name in ("prepare", "train")}
+    assert tuple(actions["format"].choices) == FORMATS and tuple(actions["method"].choices) == METHODS

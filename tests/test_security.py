@@ -53,7 +53,11 @@ def fake_models(monkeypatch):
     """The Playground answers without a model, so an endpoint that gets past its access check says so."""
     from backend import playground
 
-    monkeypatch.setattr(playground.CACHE, "get", lambda *a, **k: SimpleNamespace(spec=None))
+    def get(run_dir, checkpoint=None):  # what load_run checks before it loads
+        playground.result_dir(run_dir, checkpoint)
+        return SimpleNamespace(spec=None)
+
+    monkeypatch.setattr(playground.CACHE, "get", get)
     monkeypatch.setattr(playground, "stream", lambda loaded, messages, shown, **kw: iter([{s: "ok" for s in shown}]))
 
 

@@ -6,11 +6,15 @@ import gradio as gr
 import pandas as pd
 
 from backend import access, data, service
+from backend.config import FORMATS, DataArgs, settings
 
 from .common import signed_in
 from .i18n import t
 
-FORMATS = ["auto", "alpaca", "prompt_completion", "messages", "sharegpt", "text"]
+
+
+def help_of(key: str) -> str:
+    return next(s.help for s in settings() if s.name == key)
 
 
 def highlight(sample: str) -> str:
@@ -46,10 +50,11 @@ def create_data_tab():
     with gr.Row():
         file = gr.File(label=t("dataset"), type="filepath")
         with gr.Column():
-            fmt = gr.Dropdown(FORMATS, value="auto", label=t("format"))
+            fmt = gr.Dropdown(list(FORMATS), value=DataArgs.format, label=t("format"), info=help_of("format"))
             mapping = gr.Textbox(label=t("mapping"), lines=2, placeholder="prompt=question\ncompletion=reply")
-            system_prompt = gr.Textbox("You are a helpful assistant.", label=t("system_prompt"))
-            max_length = gr.Number(1024, precision=0, minimum=16, label=t("max_length"))
+            system_prompt = gr.Textbox(DataArgs.system_prompt, label=t("system_prompt"), info=help_of("system_prompt"))
+            max_length = gr.Number(DataArgs.max_length, precision=0, minimum=16, label=t("max_length"),
+                                   info=help_of("max_length"))
     check = gr.Button(t("check"), variant="primary")
     summary = gr.Markdown()
     with gr.Row():
