@@ -48,21 +48,11 @@ def _quiet_libraries() -> None:
     datasets.disable_progress_bars()
 
 
-def _mapping(items: list[str]) -> dict:
-    out = {}
-    for item in items or []:
-        field, sep, column = item.partition("=")
-        if not sep or not field or not column:
-            raise UsageError(f"--map takes FIELD=COLUMN, got {item!r}")
-        out[field] = column
-    return out
-
-
 def cmd_prepare(a) -> int:
     from . import data, models, template
 
     tokenizer = template.setup_chat_template(models.load_tokenizer(models.resolve_model(a.model)), None)
-    prepared = data.prepare(a.data, fmt=a.format, mapping=_mapping(a.map) or None, tokenizer=tokenizer,
+    prepared = data.prepare(a.data, fmt=a.format, mapping=data.parse_mapping(a.map) or None, tokenizer=tokenizer,
                             max_length=a.max_length, system_prompt=a.system)
     s = prepared.summary
     if a.json:
@@ -181,8 +171,8 @@ def cmd_augment(a) -> int:
     if a.k < 1:
         raise UsageError(f"--k must be at least 1, got {a.k}")
     if a.out is None:
-        items = augment.preview_file(a.data, a.k, a.seed, a.limit, a.model, a.format, _mapping(a.map) or None,
-                                     a.val_size)
+        items = augment.preview_file(a.data, a.k, a.seed, a.limit, a.model, a.format,
+                                     data_mod.parse_mapping(a.map) or None, a.val_size)
         if a.json:
             print(json.dumps(items, ensure_ascii=False))
         for item in [] if a.json else items:
@@ -192,7 +182,7 @@ def cmd_augment(a) -> int:
             for d in item["dropped"]:
                 print(f"    - {d['text']!r}  ({d['reason']})")
         return 0
-    train = data_mod.prepare(a.data, fmt=a.format, mapping=_mapping(a.map) or None, val_size=0).train
+    train = data_mod.prepare(a.data, fmt=a.format, mapping=data_mod.parse_mapping(a.map) or None, val_size=0).train
     paraphraser, tokenizer = augment.load_paraphraser(a.model)
     rows = augment.paraphrase_prompts(paraphraser, tokenizer, train, a.k, a.seed,
                                       progress=lambda d, n: print(f"{d}/{n} prompts", file=sys.stderr, flush=True))

@@ -554,3 +554,17 @@ def load_split(folder, rows: bool = False) -> tuple[list, list]:
 def conversations_of(rows: list) -> list:
     """The conversations of rows that may be dicts with ``messages`` (augmented rows)."""
     return [r["messages"] if isinstance(r, dict) else r for r in rows]
+
+
+def parse_mapping(items: str | list[str] | None) -> dict:
+    """A column mapping from ``FIELD=COLUMN`` items: ``--map`` gives a list, the Data tab one text
+    with an item per line or comma. ``{"prompt": "question", ...}``."""
+    lines = items.replace(",", "\n").splitlines() if isinstance(items, str) else items or []
+    out = {}
+    for line in (line.strip() for line in lines):
+        if line:
+            key, sep, column = line.partition("=")
+            if not sep or not key.strip() or not column.strip():
+                raise DataError(f"column mapping: expected FIELD=COLUMN, got {line!r}")
+            out[key.strip()] = column.strip()
+    return out

@@ -801,13 +801,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (Linux), None where unknown."""
+def _stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after ``(comm)`` (field 3 on), None without /proc (macOS)
+    or once the process is gone. Field 3 is the state, field 22 the start time in clock ticks."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22; fields restart after "(comm)"
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (Linux), None where unknown."""
+    fields = _stat(pid)
+    return int(fields[19]) if fields else None
 
 
 def _alive(pid: int | None, start: int | None) -> bool:
@@ -820,11 +826,9 @@ def _alive(pid: int | None, start: int | None) -> bool:
         return False
     except PermissionError:
         return False  # someone else's process now
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+    fields = _stat(pid)
+    if fields is None:
         return True  # no /proc (macOS): trust the signal
-    fields = stat.rsplit(")", 1)[1].split()
     return fields[0] != "Z" and (start is None or int(fields[19]) == start)
 
 

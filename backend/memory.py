@@ -71,7 +71,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .models import precision_for
@@ -154,18 +154,6 @@ class Estimate:
     def fits(self, free_bytes: int) -> bool:
         return self.total <= free_bytes
 
-    def summary(self) -> str:
-        head = (f"{self.method} on {self.device}, {self.seq_tokens} tokens per step: "
-                f"{self.params / 1e6:,.1f}M params, {self.trainable / 1e6:,.2f}M trainable")
-        lines = [head]
-        lines += [f"  {k:14s} {v / GiB:8.2f} GiB" for k, v in self.breakdown().items()]
-        lines.append(f"  disk: {self.disk_per_checkpoint / GiB:.2f} GiB per checkpoint, "
-                     f"{self.disk_total / GiB:.2f} GiB in all")
-        return "\n".join(lines + [f"  note: {n}" for n in self.notes])
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 # -- counting parameters on the meta device ----------------------------------------------------
 @dataclass(frozen=True)
@@ -231,10 +219,6 @@ def lora_targets(inv: Inventory, target_modules) -> list[tuple[str, int, int]]:
         return [m for m in inv.linears if re.fullmatch(target_modules, m[0])]
     keys = list(target_modules)
     return [m for m in inv.linears if m[0] in keys or any(m[0].endswith("." + k) for k in keys)]
-
-
-def lora_param_count(inv: Inventory, target_modules, r: int) -> int:
-    return sum(r * (i + o) for _, i, o in lora_targets(inv, target_modules))
 
 
 # -- bytes per parameter -----------------------------------------------------------------------

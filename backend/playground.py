@@ -24,6 +24,7 @@ import csv
 import gc
 import json
 import os
+import queue
 import random
 import threading
 import time
@@ -146,8 +147,9 @@ CACHE = ModelCache()
 class _RowStreamer(BaseStreamer):
     """Collects each row's new tokens as ``generate`` makes them (the first ``put`` is the prompt)."""
 
-    def __init__(self, tokenizer, rows: list[int], texts: list[str], stop_ids: set[int]):
+    def __init__(self, tokenizer, rows: list[int], texts: list[str], stop_ids: set[int], on_update=None):
         self.tokenizer, self.rows, self.texts, self.stop_ids = tokenizer, rows, texts, stop_ids
+        self.on_update = on_update
         self.tokens: list[list[int]] = [[] for _ in rows]
         self.done = [False] * len(rows)
         self._prompt_seen = False
@@ -162,6 +164,8 @@ class _RowStreamer(BaseStreamer):
                 continue
             self.tokens[i].append(token)
             self.texts[self.rows[i]] = self.tokenizer.decode(self.tokens[i], skip_special_tokens=True).strip()
+        if self.on_update is not None:
+            self.on_update(self.texts)
 
     def end(self):
         pass
@@ -189,12 +193,12 @@ def _generate_group(loaded: LoadedRun, model, prompts: list[list[int]], adapter_
                        pad_token_id=pad, streamer=streamer, **sampling, **extra)
 
 
-def stream_rows(loaded: LoadedRun, rows: list[tuple[str, list[dict]]], system_prompt: str | None = None,
-                max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 50,
-                repetition_penalty: float = 1.0, seed: int = 0) -> Iterator[list[str]]:
-    """Generate every ``(side, messages)`` row at once; yields the list of answers so far, then the
-    final list. Adapter runs: one batched call, each row with its adapter; full runs: one batched
-    call per model, in parallel threads; DoRA runs: one call per side, in turn."""
+def generate_rows(loaded: LoadedRun, rows: list[tuple[str, list[dict]]], system_prompt: str | None = None,
+                  max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 50,
+                  repetition_penalty: float = 1.0, seed: int = 0, on_update=None) -> list[str]:
+    """Answer every ``(side, messages)`` row at once; returns the answers. Adapter runs: one batched
+    call, each row with its adapter; full runs: one batched call per model, in parallel threads;
+    DoRA and AdaLoRA runs: one call per side, in turn. ``on_update(texts)`` is called as tokens come."""
     tok = loaded.tokenizer
     system = loaded.spec.data.system_prompt if system_prompt is None else system_prompt
     prompts = [template.prompt_ids(tok, messages, system) for _, messages in rows]
@@ -222,8 +226,8 @@ def stream_rows(loaded: LoadedRun, rows: list[tuple[str, list[dict]]], system_pr
             for model, idx, names, context in calls:
                 with context:
                     _generate_group(loaded, model, [prompts[i] for i in idx], names,
-                                    _RowStreamer(tok, idx, texts, stop_ids), max_new_tokens, repetition_penalty,
-                                    seed, _sampling(temperature, top_p, top_k))
+                                    _RowStreamer(tok, idx, texts, stop_ids, on_update), max_new_tokens,
+                                    repetition_penalty, seed, _sampling(temperature, top_p, top_k))
         except BaseException as exc:  # surfaced in the caller's thread
             errors.append(exc)
 
@@ -231,17 +235,36 @@ def stream_rows(loaded: LoadedRun, rows: list[tuple[str, list[dict]]], system_pr
         threads = [threading.Thread(target=work, args=(calls,), daemon=True) for calls in groups]
         for thread in threads:
             thread.start()
-        last = None
-        while any(thread.is_alive() for thread in threads):
-            time.sleep(0.1)
-            if texts != last:
-                last = list(texts)
-                yield last
         for thread in threads:
             thread.join()
     if errors:
         raise errors[0]
-    yield list(texts)
+    return texts
+
+
+def stream_rows(loaded: LoadedRun, rows: list[tuple[str, list[dict]]], **settings) -> Iterator[list[str]]:
+    """``generate_rows`` streamed: yields the answers so far as they change, then the final list."""
+    updates: queue.SimpleQueue = queue.SimpleQueue()
+    done = object()
+    result: dict = {}
+
+    def run():
+        try:
+            result["texts"] = generate_rows(loaded, rows, on_update=lambda texts: updates.put(list(texts)), **settings)
+        except BaseException as exc:  # surfaced in the caller's thread
+            result["error"] = exc
+        finally:
+            updates.put(done)
+
+    threading.Thread(target=run, daemon=True).start()
+    last = None
+    while (texts := updates.get()) is not done:
+        if texts != last:
+            last = texts
+            yield texts
+    if "error" in result:
+        raise result["error"]
+    yield result["texts"]
 
 
 def stream(loaded: LoadedRun, messages: list[dict] | dict[str, list[dict]], sides=("base", "tuned"),
@@ -253,16 +276,10 @@ def stream(loaded: LoadedRun, messages: list[dict] | dict[str, list[dict]], side
         yield dict(zip(sides, texts))
 
 
-def generate(loaded: LoadedRun, messages: list[dict], side: str = "tuned", **settings) -> str:
-    """One answer from ``side`` for the conversation ``messages`` (last turn: the user's)."""
-    return compare_messages(loaded, messages, (side,), **settings)[side]
-
-
 def compare_messages(loaded: LoadedRun, messages, sides=("base", "tuned"), **settings) -> dict:
-    out = {}
-    for out in stream(loaded, messages, sides, **settings):
-        pass
-    return out
+    """The answer of each side (``messages``: one conversation, or one per side)."""
+    per_side = messages if isinstance(messages, dict) else {side: messages for side in sides}
+    return dict(zip(sides, generate_rows(loaded, [(side, per_side[side]) for side in sides], **settings)))
 
 
 def compare(loaded: LoadedRun, prompt: str, sides=("base", "tuned"), **settings) -> dict:
@@ -324,7 +341,7 @@ def batch_compare(loaded: LoadedRun, prompts: list[dict], batch_size: int = 8, p
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         rows = [(side, [{"role": "user", "content": p["prompt"]}]) for p in chunk for side in ("base", "tuned")]
-        texts = list(stream_rows(loaded, rows, **settings))[-1]
+        texts = generate_rows(loaded, rows, **settings)
         for i, p in enumerate(chunk):
             out.append({"prompt": p["prompt"], "reference": p.get("reference", ""),
                         "base": texts[2 * i], "tuned": texts[2 * i + 1]})

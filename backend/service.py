@@ -75,23 +75,11 @@ def sweep_uploads(queue, ttl_s: float | None = None, now: float | None = None) -
     return deleted
 
 
-def parse_mapping(text: str | None) -> dict:
-    """``"prompt=question\\ncompletion=reply"`` -> ``{"prompt": "question", ...}``."""
-    out = {}
-    for line in (text or "").replace(",", "\n").splitlines():
-        if line.strip():
-            key, sep, column = line.partition("=")
-            if not sep or not key.strip() or not column.strip():
-                raise data.DataError(f"column mapping: expected FIELD=COLUMN, got {line.strip()!r}")
-            out[key.strip()] = column.strip()
-    return out
-
-
 def preview(path: str, fmt: str = "auto", mapping: str = "", model: str | None = None,
             system_prompt: str | None = None, max_length: int = 1024) -> dict:
     """The dataset summary (``prepare --json``) rendered with the model's chat template."""
     tokenizer = template.setup_chat_template(models.load_tokenizer(models.resolve_model(model or None)))
-    return data.prepare(path, fmt=fmt, mapping=parse_mapping(mapping) or None, tokenizer=tokenizer,
+    return data.prepare(path, fmt=fmt, mapping=data.parse_mapping(mapping) or None, tokenizer=tokenizer,
                         max_length=int(max_length), system_prompt=system_prompt).summary
 
 

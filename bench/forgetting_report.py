@@ -88,7 +88,7 @@ def measure(run_dir: Path, held: Path) -> dict:
     loaded = playground.load_run(run_dir)
     questions = [q for lang in ("en", "zh") for q in NOVA_QUESTIONS[lang]] + [PARIS]
     rows = [(side, [{"role": "user", "content": q}]) for side in ("base", "tuned") for q in questions]
-    answers = list(playground.stream_rows(loaded, rows, max_new_tokens=64))[-1]
+    answers = playground.generate_rows(loaded, rows, max_new_tokens=64)
     base, tuned = answers[:len(questions)], answers[len(questions):]
     nova = {}
     for lang in ("en", "zh"):

@@ -12,7 +12,7 @@ from typing import Any, get_args
 import gradio as gr
 import yaml
 
-from backend import access, service
+from backend import access, data, service
 from backend.config import ConfigError, Setting, choices, settings
 from backend.presets import list_presets, load_preset, preset_header
 
@@ -92,7 +92,7 @@ def form_values(widget_values: dict[str, Any]) -> tuple[dict, str | None]:
     values = dict(widget_values)
     preset = values.pop("preset", None) or None
     if isinstance(values.get("mapping"), str):
-        values["mapping"] = service.parse_mapping(values["mapping"])
+        values["mapping"] = data.parse_mapping(values["mapping"])
     return {k: from_widget(by_name[k], v) if k in by_name and k != "mapping" else v
             for k, v in values.items()}, preset
 
@@ -147,7 +147,7 @@ def augment_preview(data_path, fmt, mapping, model, k, request: gr.Request = Non
     progress(0, desc=f"paraphrasing 8 prompts x {k} with the base model...")
     try:
         items = augment.preview_file(data_path, k=k, model=(model or "").strip() or None, fmt=fmt,
-                                     mapping=service.parse_mapping(mapping) or None)
+                                     mapping=data.parse_mapping(mapping) or None)
     except (ValueError, OSError) as exc:
         raise gr.Error(access.redact(str(exc)))
     return [[i["index"], i["original"], "\n".join(i["kept"]) or "–",
