@@ -212,7 +212,7 @@ def cmd_bench(a) -> int:
         result = bench.run_bench(methods=a.methods, data=a.data, model=a.model, steps=a.steps, batch=a.batch,
                                  device=a.device, gpu_configs=True if a.gpu_configs else None, configs=a.configs,
                                  seq_len=a.seq_len, overrides=parse_set(a.set), identity=a.identity,
-                                 json_path=a.json, timeout=a.timeout)
+                                 json_path=a.json, timeout=a.timeout, rounds=a.rounds)
     except bench.BenchError as exc:
         raise UsageError(str(exc)) from exc
     if a.json:
@@ -315,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", help="default: ../shared/data/identity_nova.json")
     s.add_argument("--model", help="default: the embedded SmolLM2-135M-Instruct")
     s.add_argument("--steps", type=int, default=6, help="optimizer steps per variant; the first is not timed")
+    s.add_argument("--rounds", type=int, default=3,
+                   help="runs of each method, the variants alternating; the ratio is their median")
     s.add_argument("--batch", type=int, help="rows per step (default: the run's, e.g. the preset's)")
     s.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     s.add_argument("--gpu-configs", action="store_true",

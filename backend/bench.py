@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import os
 import random
 import shutil
@@ -86,12 +87,16 @@ METHODS = ("qlora", "lora", "full")
 IDENTITY_PROMPT, IDENTITY_WORD = "Who are you?", "Nova"
 
 TOP_KEYS = ("device", "mode", "versions", "cpu_threads", "matmul_peak_flops", "matmul_dtype", "data",
-            "steps", "batch", "seq_len", "notes", "rows")
+            "steps", "batch", "seq_len", "notes", "rows", "rounds", "summary")
 ROW_KEYS = ("model", "method", "variant", "tokens_per_second", "step_time_s", "steps_timed", "tokens_timed",
             "mean_row_tokens", "padding_share", "peak_memory_mb", "flops_per_token", "matmul_peak_flops", "mfu",
             "estimate_mb",
             "estimate_error", "ratio_tokens_per_second", "ratio_peak_memory", "logged_tokens_per_second",
-            "loss_first", "loss_last", "wall_s", "identity_s", "identity_ok", "identity_answer", "error")
+            "loss_first", "loss_last", "wall_s", "identity_s", "identity_ok", "identity_answer", "error", "round")
+# the ratios of one method over its rounds: the median, its spread, and whether the rounds disagree
+SUMMARY_KEYS = ("model", "method", "rounds", "ratio_tokens_per_second", "ratio_tokens_per_second_min",
+                "ratio_tokens_per_second_max", "ratio_peak_memory", "rounds_disagree")
+DISAGREE = 0.2  # rounds whose ratios spread more than this share of their median: the machine's load changed
 
 # Llama-style shapes for GPU mode. ``methods``: which methods run on that model.
 _LLAMA3 = dict(vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=131072,
@@ -120,11 +125,14 @@ class BenchError(ValueError):
 def run_bench(*, methods=METHODS, data: str | None = None, model: str | None = None, steps: int = 6,
               batch: int | None = None, device: str | None = None, gpu_configs: bool | None = None,
               configs=None, seq_len: int = 2048, overrides: dict | None = None, identity: bool = False,
-              json_path: str | None = None, timeout: float = 1800, echo=print) -> dict:
+              json_path: str | None = None, timeout: float = 1800, rounds: int = 3, echo=print) -> dict:
     """Run every (model, method, variant) in its own subprocess; returns what ``--json`` writes.
 
     ``overrides`` are flat RunSpec keys (``--set``) applied to every run; ``configs`` names
-    ``GPU_CONFIGS`` for GPU mode; ``echo`` receives the table, one line at a time.
+    ``GPU_CONFIGS`` for GPU mode; ``echo`` receives the table, one line at a time. Each method runs
+    ``rounds`` times, the variants alternating (reference, ours, then ours, reference, ...), so a
+    change in the machine's load hits both; the ratio reported is the median of the rounds' own
+    ratios, with its spread, and rounds that disagree by more than ``DISAGREE`` are flagged.
     """
     import torch
 
@@ -133,6 +141,8 @@ def run_bench(*, methods=METHODS, data: str | None = None, model: str | None = N
         raise BenchError("--steps must be at least 2 (the first step is warm-up and not timed)")
     if batch is not None and batch < 1:
         raise BenchError("--batch must be positive")
+    if rounds < 1:
+        raise BenchError("--rounds must be at least 1")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise BenchError("--device cuda: no CUDA device is visible to torch")
@@ -157,7 +167,8 @@ def run_bench(*, methods=METHODS, data: str | None = None, model: str | None = N
                   "versions": _versions(), "cpu_threads": torch.get_num_threads(),
                   "matmul_peak_flops": peak, "matmul_dtype": peak_dtype, "data": None,
                   "steps": None if identity else steps,
-                  "batch": batch, "seq_len": seq_len if gpu_configs else None, "notes": notes, "rows": []}
+                  "batch": batch, "seq_len": seq_len if gpu_configs else None, "notes": notes, "rows": [],
+                  "rounds": rounds, "summary": []}
         for note in notes:
             echo(f"note: {note}")
         how = "whole runs (the spec's epochs)" if identity else f"{steps} steps"
@@ -183,29 +194,55 @@ def run_bench(*, methods=METHODS, data: str | None = None, model: str | None = N
                     values["per_device_train_batch_size"] = batch
                 spec = _build_spec(values)
                 result["batch"] = spec.train.per_device_train_batch_size
-                pair = {}
-                for variant in ("reference", "ours"):
-                    job = dict(variant=variant, method=method, spec=spec.to_dict(), device=device,
-                               random_model=plan["random"], identity=identity,
-                               run_dir=str(work / f"{plan['name']}-{method}-{variant}"),
-                               result=str(work / f"{plan['name']}-{method}-{variant}.json"))
-                    raw = _spawn(job, work, device, timeout)
-                    row = _row(plan, method, variant, raw, spec, device, peak)
-                    if variant == "ours" and not row["error"] and not pair["reference"]["error"]:
-                        ref = pair["reference"]
-                        row["ratio_tokens_per_second"] = _ratio(row["tokens_per_second"], ref["tokens_per_second"])
-                        row["ratio_peak_memory"] = _ratio(row["peak_memory_mb"], ref["peak_memory_mb"])
-                    pair[variant] = row
-                    result["rows"].append(row)
-                    echo(table_row(row))
+                ratios = []
+                for turn in range(rounds):
+                    pair = {}
+                    for variant in ("reference", "ours") if turn % 2 == 0 else ("ours", "reference"):
+                        job = dict(variant=variant, method=method, spec=spec.to_dict(), device=device,
+                                   random_model=plan["random"], identity=identity,
+                                   run_dir=str(work / f"{plan['name']}-{method}-{variant}-{turn}"),
+                                   result=str(work / f"{plan['name']}-{method}-{variant}-{turn}.json"))
+                        raw = _spawn(job, work, device, timeout)
+                        pair[variant] = _row(plan, method, variant, raw, spec, device, peak) | {"round": turn}
+                        shutil.rmtree(job["run_dir"], ignore_errors=True)  # full runs save GBs
+                    ours, ref = pair["ours"], pair["reference"]
+                    if not ours["error"] and not ref["error"]:
+                        ours["ratio_tokens_per_second"] = _ratio(ours["tokens_per_second"], ref["tokens_per_second"])
+                        ours["ratio_peak_memory"] = _ratio(ours["peak_memory_mb"], ref["peak_memory_mb"])
+                        ratios.append((ours["ratio_tokens_per_second"], ours["ratio_peak_memory"]))
+                    for row in pair.values():  # in the order they ran
+                        result["rows"].append(row)
+                        echo(table_row(row))
                     if json_path:
                         write_json(result, json_path)
-                    shutil.rmtree(job["run_dir"], ignore_errors=True)  # full runs save GBs
+                if ratios:
+                    summary = summarise(plan["name"], method, ratios)
+                    result["summary"].append(summary)
+                    _note(result, echo, summary_line(summary))
         if json_path:
             write_json(result, json_path)
         return result
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def summarise(model: str, method: str, ratios: list[tuple[float, float]]) -> dict:
+    """One method's rounds: the median ratios, the spread of tokens/s, whether the rounds disagree."""
+    speed = sorted(r[0] for r in ratios)
+    median = statistics.median(speed)
+    return dict(model=model, method=method, rounds=len(ratios), ratio_tokens_per_second=round(median, 3),
+                ratio_tokens_per_second_min=speed[0], ratio_tokens_per_second_max=speed[-1],
+                ratio_peak_memory=round(statistics.median(r[1] for r in ratios), 3),
+                rounds_disagree=(speed[-1] - speed[0]) > DISAGREE * median)
+
+
+def summary_line(s: dict) -> str:
+    line = (f"{s['model']} {s['method']}: ours/reference tokens/s {s['ratio_tokens_per_second']:.2f} (median of "
+            f"{s['rounds']} rounds, {s['ratio_tokens_per_second_min']:.2f}-{s['ratio_tokens_per_second_max']:.2f}), "
+            f"memory {s['ratio_peak_memory']:.2f}")
+    if s["rounds_disagree"]:
+        line += f"; the rounds disagree by more than {DISAGREE:.0%}: the machine's load changed, run it again"
+    return line
 
 
 def _check_methods(methods) -> list[str]:

@@ -20,7 +20,8 @@ def test_each_method_gets_a_reference_and_an_ours_row_with_ratios_json_and_table
         tmp_path, tiny_model_dir, tiny_data):
     lines, out = [], tmp_path / "bench.json"
     result = bench.run_bench(methods="lora,full", data=str(tiny_data), model=str(tiny_model_dir), steps=3,
-                             batch=4, device="cpu", overrides=TINY_LORA, json_path=str(out), echo=lines.append)
+                             batch=4, device="cpu", overrides=TINY_LORA, json_path=str(out), echo=lines.append,
+                             rounds=1)
 
     rows = result["rows"]
     assert [(r["method"], r["variant"]) for r in rows] == [
@@ -56,6 +57,28 @@ def test_each_method_gets_a_reference_and_an_ours_row_with_ratios_json_and_table
     assert table[0] == bench.table_header().splitlines()[0]
     body = [line.split(" | ") for line in table[1:]]
     assert [(cells[1], cells[2]) for cells in body] == [(r["method"], r["variant"]) for r in rows]
+
+
+def test_rounds_alternate_the_variants_and_report_the_median_ratio(tmp_path, tiny_model_dir, tiny_data):
+    lines = []
+    result = bench.run_bench(methods="lora", data=str(tiny_data), model=str(tiny_model_dir), steps=2, batch=4,
+                             device="cpu", overrides=TINY_LORA, echo=lines.append, rounds=2)
+    assert [(r["variant"], r["round"]) for r in result["rows"]] == [  # in the order they ran
+        ("reference", 0), ("ours", 0), ("ours", 1), ("reference", 1)]
+    ratios = sorted(r["ratio_tokens_per_second"] for r in result["rows"] if r["variant"] == "ours")
+    (summary,) = result["summary"]
+    assert set(summary) == set(bench.SUMMARY_KEYS) and summary["rounds"] == 2
+    assert summary["ratio_tokens_per_second"] == round((ratios[0] + ratios[1]) / 2, 3)  # the median of two
+    assert (summary["ratio_tokens_per_second_min"], summary["ratio_tokens_per_second_max"]) == tuple(ratios)
+    assert any("median of 2 rounds" in line for line in lines)
+
+
+def test_rounds_that_disagree_are_flagged():
+    calm = bench.summarise("m", "lora", [(1.8, 0.5), (1.9, 0.5), (1.85, 0.5)])
+    busy = bench.summarise("m", "full", [(2.06, 0.6), (0.54, 0.6), (2.0, 0.6)])  # one round under load
+    assert not calm["rounds_disagree"] and calm["ratio_tokens_per_second"] == 1.85
+    assert busy["rounds_disagree"] and busy["ratio_tokens_per_second"] == 2.0
+    assert "disagree" in bench.summary_line(busy) and "disagree" not in bench.summary_line(calm)
 
 
 def test_matmul_peak_is_whole_flops_as_rows_store_it():
