@@ -194,36 +194,42 @@ def run_bench(*, methods=METHODS, data: str | None = None, model: str | None = N
                     values["per_device_train_batch_size"] = batch
                 spec = _build_spec(values)
                 result["batch"] = spec.train.per_device_train_batch_size
-                ratios = []
-                for turn in range(rounds):
-                    pair = {}
-                    for variant in ("reference", "ours") if turn % 2 == 0 else ("ours", "reference"):
-                        job = dict(variant=variant, method=method, spec=spec.to_dict(), device=device,
-                                   random_model=plan["random"], identity=identity,
-                                   run_dir=str(work / f"{plan['name']}-{method}-{variant}-{turn}"),
-                                   result=str(work / f"{plan['name']}-{method}-{variant}-{turn}.json"))
-                        raw = _spawn(job, work, device, timeout)
-                        pair[variant] = _row(plan, method, variant, raw, spec, device, peak) | {"round": turn}
-                        shutil.rmtree(job["run_dir"], ignore_errors=True)  # full runs save GBs
-                    ours, ref = pair["ours"], pair["reference"]
-                    if not ours["error"] and not ref["error"]:
-                        ours["ratio_tokens_per_second"] = _ratio(ours["tokens_per_second"], ref["tokens_per_second"])
-                        ours["ratio_peak_memory"] = _ratio(ours["peak_memory_mb"], ref["peak_memory_mb"])
-                        ratios.append((ours["ratio_tokens_per_second"], ours["ratio_peak_memory"]))
-                    for row in pair.values():  # in the order they ran
-                        result["rows"].append(row)
-                        echo(table_row(row))
-                    if json_path:
-                        write_json(result, json_path)
-                if ratios:
-                    summary = summarise(plan["name"], method, ratios)
-                    result["summary"].append(summary)
-                    _note(result, echo, summary_line(summary))
+                _rounds(result, plan, method, spec, rounds, work, device, peak, identity, timeout, json_path, echo)
         if json_path:
             write_json(result, json_path)
         return result
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _rounds(result: dict, plan: dict, method: str, spec, rounds: int, work: Path, device: str, peak: int,
+            identity: bool, timeout: float, json_path, echo) -> None:
+    """``rounds`` runs of one method, the variants alternating; rows and the summary go to ``result``."""
+    ratios = []
+    for turn in range(rounds):
+        pair = {}
+        for variant in ("reference", "ours") if turn % 2 == 0 else ("ours", "reference"):
+            job = dict(variant=variant, method=method, spec=spec.to_dict(), device=device,
+                       random_model=plan["random"], identity=identity,
+                       run_dir=str(work / f"{plan['name']}-{method}-{variant}-{turn}"),
+                       result=str(work / f"{plan['name']}-{method}-{variant}-{turn}.json"))
+            raw = _spawn(job, work, device, timeout)
+            pair[variant] = _row(plan, method, variant, raw, spec, device, peak) | {"round": turn}
+            shutil.rmtree(job["run_dir"], ignore_errors=True)  # full runs save GBs
+        ours, ref = pair["ours"], pair["reference"]
+        if not ours["error"] and not ref["error"]:
+            ours["ratio_tokens_per_second"] = _ratio(ours["tokens_per_second"], ref["tokens_per_second"])
+            ours["ratio_peak_memory"] = _ratio(ours["peak_memory_mb"], ref["peak_memory_mb"])
+            ratios.append((ours["ratio_tokens_per_second"], ours["ratio_peak_memory"]))
+        for row in pair.values():  # in the order they ran
+            result["rows"].append(row)
+            echo(table_row(row))
+        if json_path:
+            write_json(result, json_path)
+    if ratios:
+        summary = summarise(plan["name"], method, ratios)
+        result["summary"].append(summary)
+        _note(result, echo, summary_line(summary))
 
 
 def summarise(model: str, method: str, ratios: list[tuple[float, float]]) -> dict:
