@@ -27,7 +27,8 @@ from .paths import local_home, studio_home
 ROOT = Path(__file__).resolve().parent.parent
 # settings that name files on the server, and what a web user may name there
 PATH_KEYS = ("data", "mix_data", "model", "augment_model", "accelerate_config")
-SHIPPED_NAMES = {"mix_data": ("replay",), "accelerate_config": ("ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3")}
+SHIPPED_NAMES = {"mix_data": ("replay",),
+                 "accelerate_config": tuple(p.stem for p in (ROOT / "presets" / "accelerate").glob("*.yaml"))}
 
 
 class AccessError(PermissionError):
