@@ -1,4 +1,7 @@
-"""Shared fixtures: the embedded model's tokenizer (loaded once per test session)."""
+"""Shared fixtures and helpers: the embedded model's tokenizer (loaded once per test session), a tiny
+random model and data set, specs and runs of them; tests import the helpers from here."""
+
+import time
 
 import pytest
 
@@ -47,8 +50,6 @@ def tiny_data(tmp_path_factory):
 def completed_job(queue, spec, owner: str = "", train: bool = True):
     """A run queued by ``owner`` and trained in its own folder right here (no worker), then recorded
     completed: the web app names runs by id only, so tests of its endpoints need queued runs."""
-    import time
-
     from backend import train as train_mod
 
     job = queue.submit(spec, owner=owner)
@@ -58,3 +59,47 @@ def completed_job(queue, spec, owner: str = "", train: bool = True):
         job.run.set_status("completed")
     queue._transition(job.run_id, ("queued",), state="completed", ended_at=time.time())
     return queue.get(job.run_id)
+
+
+def tiny_spec(model_dir, data, method="lora", **overrides):
+    """A spec that trains the tiny model fast and visibly (high learning rate, every linear layer)."""
+    from backend.presets import build_spec
+
+    values = dict(model=str(model_dir), data=str(data), method=method, learning_rate=5e-2,
+                  num_train_epochs=3, per_device_train_batch_size=4, target_modules="all-linear",
+                  lora_dropout=0.0, measure_forgetting=False)  # tests that want the meter turn it on
+    values.update(overrides)
+    return build_spec(values)
+
+
+def wait_for(predicate, timeout=90.0, what="condition"):
+    """``predicate()``'s first true value, asked every 20 ms; fails after ``timeout`` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def alone(model, tokenizer, prompt, system, n=12) -> str:
+    """Greedy answer of one model on its own, batch of one, no padding."""
+    import torch
+
+    from backend import template
+
+    ids = torch.tensor([template.prompt_ids(tokenizer, [{"role": "user", "content": prompt}], system)])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                         eos_token_id=sorted(template.end_of_turn_ids(tokenizer)), pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+class _Marker:
+    """Unpickling this creates the file at ``path``: proof that a pickle ran."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))

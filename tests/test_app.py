@@ -112,9 +112,8 @@ def test_playground_endpoints_through_gradio_client(queue, tmp_path, tiny_model_
     import html
     import json
 
-    from conftest import completed_job
+    from conftest import completed_job, tiny_spec
     from gradio_client import Client
-    from test_train import tiny_spec
 
     import app
     from ui.playground_tab import _text as text  # Gradio hands chat content back as typed parts

@@ -161,7 +161,7 @@ def test_embedded_model_paraphrases_identity_questions():
 
 
 def test_a_run_with_augment_k_trains_on_marked_paraphrases(tmp_path, tiny_model_dir, tiny_data, monkeypatch):
-    from test_train import tiny_spec
+    from conftest import tiny_spec
 
     from backend import train as train_mod
     from backend.runs import RunFolder

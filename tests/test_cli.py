@@ -84,7 +84,7 @@ def test_bad_data_fails_before_any_training(tmp_path):
 
 
 def test_forgetting_and_augment_commands(tmp_path, tiny_model_dir, tiny_data, monkeypatch):
-    from test_train import tiny_spec
+    from conftest import tiny_spec
 
     from backend.train import train
 
@@ -126,7 +126,7 @@ def test_a_pickle_model_is_one_error_line_from_every_command_that_loads_it(tmp_p
     import pickle
     import shutil
 
-    from test_models import _Marker
+    from conftest import _Marker
 
     model = tmp_path / "pickled"
     shutil.copytree(tiny_model_dir, model, ignore=shutil.ignore_patterns("*.safetensors"))

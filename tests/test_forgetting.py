@@ -7,7 +7,7 @@ import subprocess
 import time
 
 import pytest
-from test_train import tiny_spec
+from conftest import tiny_spec
 
 from backend import forgetting, models, playground
 from backend import train as train_mod

@@ -19,6 +19,7 @@ import pytest
 from backend.jobs import JobError, Queue, Worker, _alive
 from backend.presets import build_spec
 from backend.runs import RunFolder
+from conftest import wait_for
 
 # A stand-in for `python -m backend train`: argv = RUN_DIR MODE [ARG]. It overwrites `notices`
 # the way train.py does, so the queue's own notices must survive that.
@@ -41,16 +42,6 @@ elif mode == "sleep":
     time.sleep(float(arg))
 run.set_status("completed", ended_at=time.time())
 '''
-
-
-def wait_for(predicate, timeout=90.0, what="condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def state(queue, job):

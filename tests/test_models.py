@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from backend import models, template
+from conftest import _Marker
 
 
 def test_local_folder_and_hub_id_resolve(tmp_path, tiny_model_dir):
@@ -107,16 +108,6 @@ def test_load_base_passes_local_rank_to_from_pretrained(monkeypatch):
 
 
 # -- model folders that fail to load: one ModelError each, and no pickle ever runs ------------------
-class _Marker:
-    """Unpickling this creates the file at ``path``: proof that a pickle ran."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
 def copy_of(model_dir, folder, weights=True):
     import shutil
 

@@ -7,7 +7,7 @@ optimizer is plain SGD without clipping: AdamW would hide a gradient off by the 
 """
 
 import pytest
-from test_jobs import wait_for
+from conftest import wait_for
 
 from backend import jobs
 from backend.jobs import Queue, Worker

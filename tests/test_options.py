@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_playground import alone
-from test_train import tiny_spec
+from conftest import alone, tiny_spec
 
 from backend import models, playground
 from backend import train as train_mod

@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from test_train import tiny_spec
+from conftest import alone, tiny_spec
 
 from backend import models, playground, template
 from backend import train as train_mod
@@ -21,14 +21,6 @@ def lora_run(tmp_path_factory, tiny_model_dir, tiny_data):
 @pytest.fixture(scope="module")
 def loaded(lora_run):
     return playground.load_run(lora_run)
-
-
-def alone(model, tokenizer, prompt, system, n=12) -> str:
-    """Greedy answer of one model on its own, batch of one, no padding."""
-    ids = torch.tensor([template.prompt_ids(tokenizer, [{"role": "user", "content": prompt}], system)])
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                         eos_token_id=sorted(template.end_of_turn_ids(tokenizer)), pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
 def test_each_side_equals_its_model_loaded_alone(loaded, lora_run, tiny_model_dir):
