@@ -71,10 +71,10 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile

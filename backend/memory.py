@@ -335,7 +335,7 @@ def estimate(config, method: str = "lora", *, seq_tokens: int, tokens_with_loss:
         raise ValueError(f"device must be cuda or cpu, not {device!r}")
     cpu = device == "cpu"
     t = _text_config(config)
-    h, vocab, n_layers = t.hidden_size, t.vocab_size, t.num_hidden_layers
+    vocab, n_layers = t.vocab_size, t.num_hidden_layers
     inv = inventory(config, trust_remote_code)
     prec = precision_for(method, device)
     notes = []
@@ -357,24 +357,11 @@ def estimate(config, method: str = "lora", *, seq_tokens: int, tokens_with_loss:
         weight_copies = sum(i * o for _, i, o in inv.linears) * prec.compute_dtype.itemsize
     step_scratch = trainable * 4 if (not cpu and optim == "adamw_torch") else 0
 
-    # activations: decoder layers, final norm, the packed block mask
     e = prec.compute_dtype.itemsize
-    layer_targets = {rel for rel, _, _ in inv.layer_linears
-                     if any(full.endswith("." + rel) for full, _, _ in targets)}
-    layer = _layer_activation_bytes(config, inv.layer_linears, layer_targets, method=method, device=device,
-                                    seq_tokens=seq_tokens, r=r, lora_dropout=lora_dropout,
-                                    attn_implementation=attn_implementation)
-    e_res = 4 if method in ("full", "qlora") or cpu else e
     kept = seq_tokens if tokens_with_loss is None else tokens_with_loss
-    activations = 4 * h * seq_tokens  # final norm input (fp32)
-    if method == "full":
-        activations += e_res * h * seq_tokens + e * h * kept  # its normalised input; lm_head's input
-    if gradient_checkpointing:
-        activations += n_layers * e_res * h * seq_tokens + layer
-        if attn_implementation != "flash_attention_2":
-            activations += seq_tokens * seq_tokens  # the bool block mask, kept for the recomputation
-    else:
-        activations += n_layers * layer
+    activations = _activations(config, inv, targets, method=method, device=device, seq_tokens=seq_tokens,
+                               kept=kept, r=r, lora_dropout=lora_dropout, attn_implementation=attn_implementation,
+                               gradient_checkpointing=gradient_checkpointing)
     logits = 3 * 4 * kept * vocab
     heap = 0
     if cpu and method != "full":
@@ -396,6 +383,31 @@ def estimate(config, method: str = "lora", *, seq_tokens: int, tokens_with_loss:
                     logits=logits, heap=heap, step_scratch=step_scratch, overhead=overhead, total=total,
                     disk_per_checkpoint=disk_ckpt, disk_result=disk_result, disk_total=disk_total,
                     notes=notes)
+
+
+def _activations(config, inv: Inventory, targets, *, method: str, device: str, seq_tokens: int, kept: int, r: int,
+                 lora_dropout: float, attn_implementation: str, gradient_checkpointing: bool) -> int:
+    """Bytes kept for backward: the decoder layers, the final norm, and with gradient checkpointing
+    the layer inputs and the packed block mask. ``kept``: positions projected onto the vocabulary."""
+    prec = precision_for(method, device)
+    e = prec.compute_dtype.itemsize
+    h, n_layers = _text_config(config).hidden_size, _text_config(config).num_hidden_layers
+    layer_targets = {rel for rel, _, _ in inv.layer_linears
+                     if any(full.endswith("." + rel) for full, _, _ in targets)}
+    layer = _layer_activation_bytes(config, inv.layer_linears, layer_targets, method=method, device=device,
+                                    seq_tokens=seq_tokens, r=r, lora_dropout=lora_dropout,
+                                    attn_implementation=attn_implementation)
+    e_res = 4 if method in ("full", "qlora") or device == "cpu" else e
+    activations = 4 * h * seq_tokens  # final norm input (fp32)
+    if method == "full":
+        activations += e_res * h * seq_tokens + e * h * kept  # its normalised input; lm_head's input
+    if gradient_checkpointing:
+        activations += n_layers * e_res * h * seq_tokens + layer
+        if attn_implementation != "flash_attention_2":
+            activations += seq_tokens * seq_tokens  # the bool block mask, kept for the recomputation
+    else:
+        activations += n_layers * layer
+    return activations
 
 
 def disk(params: int, trainable: int, method: str, optim: str, save_total_limit: int) -> tuple[int, int, int]:

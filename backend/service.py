@@ -23,7 +23,6 @@ from .paths import studio_home
 from .presets import build_spec
 from .runs import RunFolder, overfitting_signal
 
-
 UPLOAD_TTL_S = 24 * 3600  # default of STUDIO_UPLOAD_TTL: an upload no run uses is deleted after this
 QUEUED_PER_USER = 3  # default of STUDIO_MAX_QUEUED_PER_USER: one user's runs waiting or running at once
 

@@ -10,16 +10,15 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from contextlib import closing
 from pathlib import Path
 
 import pytest
+from conftest import wait_for
 
 from backend.jobs import JobError, Queue, Worker, _alive
 from backend.presets import build_spec
 from backend.runs import RunFolder
-from conftest import wait_for
 
 # A stand-in for `python -m backend train`: argv = RUN_DIR MODE [ARG]. It overwrites `notices`
 # the way train.py does, so the queue's own notices must survive that.

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import _Marker
 
 from backend import models, template
-from conftest import _Marker
 
 
 def test_local_folder_and_hub_id_resolve(tmp_path, tiny_model_dir):

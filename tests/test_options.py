@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from conftest import alone, tiny_spec
+from safetensors.torch import load_file
 
 from backend import models, playground
 from backend import train as train_mod

@@ -5,10 +5,9 @@ import json
 import random
 
 import pytest
-import torch
 from conftest import alone, tiny_spec
 
-from backend import models, playground, template
+from backend import models, playground
 from backend import train as train_mod
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from backend import jobs
 from backend.jobs import BACKUPS_KEPT, Queue
 from backend.presets import build_spec
 from backend.runs import RunFolder

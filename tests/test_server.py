@@ -6,9 +6,9 @@ with HTML or script in it shows as text and never runs in the page."""
 import shutil
 import socket
 import threading
-from types import SimpleNamespace
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import quote
 
 import httpx

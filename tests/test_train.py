@@ -9,14 +9,13 @@ import time
 from pathlib import Path
 
 import torch
+from conftest import tiny_spec
 from safetensors.torch import load_file
 
 from backend import template
 from backend import train as train_mod
 from backend.config import RunSpec
-from backend.presets import build_spec
 from backend.runs import RunFolder
-from conftest import tiny_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,6 @@ from .common import signed_in
 from .i18n import t
 
 
-
 def help_of(key: str) -> str:
     return next(s.help for s in settings() if s.name == key)
 
