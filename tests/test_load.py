@@ -35,19 +35,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def finished_run(folder, model_dir, data) -> str:
-    """A completed LoRA run folder of the tiny model (an adapter saved as training would leave it)."""
+def finished_run(queue, model_dir, data) -> str:
+    """The id of a completed LoRA run of the tiny model in ``queue`` (an adapter saved as training would
+    leave it): the app names runs by id only."""
+    from conftest import completed_job
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    spec = build_spec({"model": str(model_dir), "data": str(data), "method": "lora"})
-    run = RunFolder(folder)
-    run.write_config(spec)
+    job = completed_job(queue, build_spec({"model": str(model_dir), "data": str(data), "method": "lora"}),
+                        train=False)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
                            LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    model.save_pretrained(run.adapter_dir)
-    run.set_status("completed", step=1, total_steps=1)
-    return str(folder)
+    model.save_pretrained(job.run.adapter_dir)
+    job.run.set_status("completed", step=1, total_steps=1)
+    return job.run_id
 
 
 def throughput(records: list[dict]) -> tuple[float, int]:
@@ -94,9 +95,8 @@ def test_a_full_queue_answers_busy_and_training_goes_on(tmp_path, monkeypatch, t
     monkeypatch.setenv("STUDIO_QUEUE_MAX", str(QUEUE_MAX))
     monkeypatch.delenv("STUDIO_AUTH", raising=False)
     monkeypatch.setattr(app, "ON_SPACES", False)
-    done_run = finished_run(tmp_path / "finished", tiny_model_dir, tiny_data)
-
     queue = Queue(tmp_path / "jobs.sqlite3", tmp_path / "home" / "runs")
+    done_run = finished_run(queue, tiny_model_dir, tiny_data)
     spec = build_spec({"model": str(tiny_model_dir), "data": str(tiny_data), "method": "lora", "max_steps": 3000,
                        "save_steps": 3000, "val_size": 0, "warmup_steps": 0, "logging_steps": 1,
                        "measure_forgetting": False})

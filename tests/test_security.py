@@ -353,6 +353,7 @@ def test_the_servers_hub_token_is_not_lent_for_ids_a_user_picks(tmp_path, monkey
     monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("HF_TOKEN", "hf_owner_secret")
     monkeypatch.delenv("STUDIO_HUB_TOKEN_IDS", raising=False)
+    monkeypatch.setenv("STUDIO_MAX_QUEUED_PER_USER", "10")
     queue = Queue(tmp_path / "jobs.sqlite3", tmp_path / "home" / "runs")
     own = service.store_upload(str(FIXTURES / "alpaca.json"), user="bob")
     bob, admin = access.Caller("bob"), access.Caller("admin", admin=True)

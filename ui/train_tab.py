@@ -59,7 +59,7 @@ def from_widget(setting: Setting, value: Any) -> Any:
     """A widget's value as the setting takes it; "" and None mean "not set" (the default)."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
-    if _as_yaml(setting):
+    if _as_yaml(setting) and isinstance(value, str):  # the form's text; an API mapping's list is taken as it is
         try:
             return yaml.safe_load(value)
         except yaml.YAMLError:
