@@ -78,10 +78,24 @@ def list_checkpoints(run_dir) -> list[str]:
     return [p.name for p in sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[-1]))]
 
 
+def resolve_checkpoint(run_dir, checkpoint: str | None) -> str | None:
+    """The checkpoint to load: ``checkpoint`` by name; None: the one the checkpoint advisor
+    recommended, if any (``backend.advisor``); ``"result"`` or None without a recommendation:
+    the final result (returned as None)."""
+    from . import advisor
+
+    if checkpoint is None:
+        return advisor.checkpoint_for(run_dir)
+    return None if checkpoint == advisor.RESULT else checkpoint
+
+
 def load_run(run_dir, checkpoint: str | None = None) -> LoadedRun:
+    """The run's model as it trained it: ``checkpoint`` by name, ``"result"`` for the final result,
+    None for the recommended checkpoint (the final result when none is recommended)."""
     run = RunFolder(run_dir)
     if not run.exists():
         raise RunError(f"{run_dir} is not a run folder (no config.yaml)")
+    checkpoint = resolve_checkpoint(run_dir, checkpoint)
     spec = run.spec()
     result = run.checkpoints_dir / checkpoint if checkpoint else run.result_dir()
     if result is None or not result.exists():
@@ -113,7 +127,8 @@ class ModelCache:
         self._lock = threading.Lock()
 
     def get(self, run_dir, checkpoint: str | None = None) -> LoadedRun:
-        key = (str(Path(run_dir).resolve()), checkpoint or None)
+        checkpoint = resolve_checkpoint(run_dir, checkpoint or None)
+        key = (str(Path(run_dir).resolve()), checkpoint)
         with self._lock:
             if key in self._runs:
                 self._runs.move_to_end(key)

@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def tiny_spec(model_dir, data, method="lora", **overrides):
     values = dict(model=str(model_dir), data=str(data), method=method, learning_rate=5e-2,
                   num_train_epochs=3, per_device_train_batch_size=4, target_modules="all-linear",
-                  lora_dropout=0.0, measure_forgetting=False)  # tests that want the meter turn it on
+                  lora_dropout=0.0, measure_forgetting=False,  # tests that want the meter turn it on
+                  mix_data="none")  # a random model's replay is noise: tests of replay turn it on
     values.update(overrides)
     return build_spec(values)
 

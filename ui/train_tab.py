@@ -105,8 +105,8 @@ def create_train_tab(data_inputs: dict, submit):
         with gr.Row():
             accum = gr.Number(1, precision=0, minimum=1, label="gradient_accumulation_steps")
             checkpointing = gr.Checkbox(False, label="gradient_checkpointing")
-            mix_data = gr.Textbox("", label=t("mix_data"))
-            mix_ratio = gr.Number(0.5, minimum=0, label="mix_ratio")
+            mix_data = gr.Dropdown(["replay", "none"], value="replay", allow_custom_value=True, label=t("mix_data"))
+            mix_ratio = gr.Number(1.0, minimum=0, label="mix_ratio")
         with gr.Row():
             use_dora = gr.Checkbox(False, label="use_dora (DoRA)")
             use_rslora = gr.Checkbox(False, label="use_rslora (rsLoRA)")
