@@ -95,7 +95,7 @@ class TrainArgs:
                                        "deepspeed-zero3 (presets/accelerate/) or a path to an accelerate config YAML.")
     early_stopping_patience: int = _f(0, "Stop when eval loss has not improved for this many evaluations and keep "
                                          "the best checkpoint as the result (0: off).")
-    mix_kl: float = _f(0.0, "Weight of a KL penalty pulling the next-token distribution on the mixed general rows "
+    mix_kl: float = _f(3.0, "Weight of a KL penalty pulling the next-token distribution on the mixed general rows "
                             "towards the base model's (LoRA/QLoRA: the same model with the adapter off; full: a "
                             "frozen copy of the base in memory). 0: only cross-entropy on the rows' answers.")
     ewc_samples: int = _f(64, "Rows of general data used to estimate the Fisher diagonal for EWC.")
@@ -258,8 +258,6 @@ class RunSpec:
         if d.augment_k and t.num_processes > 1:  # each process would sample its own paraphrases
             problems.append("augment_k with num_processes > 1: augment first (python -m backend augment --out FILE) "
                             "and train on that file")
-        if t.mix_kl and not (d.mix_data and d.mix_ratio):
-            problems.append("mix_kl needs mixed general rows (mix_data and mix_ratio > 0)")
         if t.ewc_lambda and not d.mix_data:
             problems.append("ewc_lambda needs mix_data: the general data whose knowledge EWC protects")
         if not (lo.target_modules == "all-linear" or isinstance(lo.target_modules, list)):

@@ -79,7 +79,8 @@ def train(spec: RunSpec, run_dir: str | Path, resume: bool = False) -> RunFolder
                        train_rows=len(train_ds), val_rows=len(val_ds) if val_ds else 0)
         trainer = _trainer(run, spec, model, tokenizer, train_ds, val_ds, precision)
         trainer.ewc = _setup_ewc(spec, model, tokenizer)
-        trainer.mix_kl, trainer.reference = spec.train.mix_kl, _reference(spec, model)
+        trainer.mix_kl = spec.train.mix_kl if spec.data.mix_data and spec.data.mix_ratio else 0.0
+        trainer.reference = _reference(spec, model) if trainer.mix_kl else None
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         _record_best(run, trainer)
         _save_result(run, spec, trainer, tokenizer)
@@ -296,7 +297,7 @@ def _optimizer_for_device(spec: RunSpec, device: str) -> tuple[RunSpec, str | No
 def _reference(spec: RunSpec, model):
     """The base model the ``mix_kl`` term pulls towards. LoRA/QLoRA need none (the adapter is
     switched off instead); full fine-tuning keeps a frozen copy of the base weights."""
-    if not spec.train.mix_kl or spec.model.method != "full":
+    if spec.model.method != "full":
         return None
     import copy
 

@@ -79,8 +79,8 @@ def test_replay_is_the_default_and_can_be_turned_off_or_replaced():
     for off in ("none", "", None, "null"):
         assert RunSpec.from_flat({"mix_data": off}).data.mix_data is None
     assert RunSpec.from_flat({"mix_data": "general.json"}).data.mix_data == "general.json"
-    with pytest.raises(ConfigError, match="mix_kl needs"):
-        RunSpec.from_flat({"mix_data": "none", "mix_kl": 1.0})
+    with pytest.raises(ConfigError, match="mix_kl must be"):
+        RunSpec.from_flat({"mix_kl": -1.0})
 
 
 def test_replay_rows_are_answered_once_cached_and_marked(tiny_model_dir, tmp_path, monkeypatch, home):

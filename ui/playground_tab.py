@@ -137,7 +137,7 @@ def create_playground_tab(queue):
             names = playground.list_checkpoints(run_dir_of(queue, run_value)) if run_value else []
         except gr.Error:
             names = []
-        return gr.Dropdown(choices=[""] + names, value="")
+        return gr.Dropdown(choices=[""] + names + ["result"], value="")
 
     def labels(is_blind, shown):
         if is_blind:
@@ -230,7 +230,8 @@ def create_playground_tab(queue):
     def do_forgetting(run_value, ckpt, progress=gr.Progress()):
         loaded = _loaded(queue, run_value, ckpt)
         progress(0, desc=f"asking {len(forgetting.load_questions())} general questions, base and tuned")
-        return forgetting_view(forgetting.meter(loaded, run_dir_of(queue, run_value)))
+        # only the final result's numbers are the run's own record (forgetting.json)
+        return forgetting_view(forgetting.meter(loaded, None if loaded.checkpoint else run_dir_of(queue, run_value)))
 
     def stored_forgetting(run_value):
         try:
