@@ -32,6 +32,7 @@ TESTS = ROOT / "tests" / "data"
 
 VARIANTS = {  # name -> overrides on the embedded preset of the method
     **{f"{m}-{name}": {"method": m, **o} for m in ("qlora", "lora", "full") for name, o in {
+        "default": {},  # the defaults as they ship
         "today": {"mix_data": "none", "advise_checkpoints": False},  # the defaults before replay and the advisor
         "none": {"mix_data": "none"},
         "replay": {"mix_data": "replay", "mix_kl": 0.0},
@@ -50,7 +51,7 @@ def measure(run_dir: Path, name: str, paraphrases: list[str]) -> dict:
     held = forgetting.meter(loaded, None, questions=TESTS / "heldout_general.json")
     rows = {r["checkpoint"]: r for r in RunFolder(run_dir).status().get("checkpoints") or []}
     meter = rows[loaded.checkpoint] if loaded.checkpoint else forgetting.read(run_dir)
-    return {"checkpoint": loaded.checkpoint or "result", "learned": sum(name in a for a in answers),
+    return {"checkpoint": loaded.checkpoint or "result", "learned": sum(name in a for a in answers), "asked": len(answers),
             "answers": answers, "kept_meter": [meter["kept"], meter["n"]], "kept_heldout": [held["kept"], held["n"]],
             "lost_heldout": held["changed"]}
 
@@ -74,7 +75,7 @@ def run_variant(name: str, overrides: dict, out: Path, data: Path, persona: str,
 
 def row(r: dict) -> str:
     km, kh = r["kept_meter"], r["kept_heldout"]
-    return (f"| {r['variant']} | {r.get('checkpoint', 'result')} | {r['train_rows']} | {r['steps']} | {r['learned']}/5 | {km[0]} of {km[1]} "
+    return (f"| {r['variant']} | {r.get('checkpoint', 'result')} | {r['train_rows']} | {r['steps']} | {r['learned']}/{r.get('asked', 5)} | {km[0]} of {km[1]} "
             f"({100 * km[0] / max(km[1], 1):.0f} %) | {kh[0]} of {kh[1]} ({100 * kh[0] / max(kh[1], 1):.0f} %) | "
             f"{r['minutes']:.1f} | {r['one_time_minutes']:.1f} |")
 
