@@ -85,7 +85,7 @@ def advice(spec=None) -> str:
     """What to change when a run forgets, concretely."""
     steps = []
     if spec is None or not (spec.data.mix_data and spec.data.mix_ratio):
-        steps.append("turn replay on (--set mix_data=replay mix_ratio=1)")
+        steps.append("turn replay on (--set mix_data=replay --set mix_ratio=1)")
     elif spec.data.mix_ratio < 2:
         steps.append(f"mix in more replay rows (mix_ratio={spec.data.mix_ratio:g} -> {spec.data.mix_ratio * 2:g})")
     lr = spec.train.learning_rate if spec is not None else None

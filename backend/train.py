@@ -6,8 +6,9 @@ Flow (each step is a function below, in this order):
    newest *complete* checkpoint and drop metric lines past it.
 2. ``_setup_data``: read and normalise the data (``backend.data``), split train/val with the run's
    seed, add ``augment_k`` paraphrases of each training prompt (``backend.augment``; marked
-   ``augmented_from``), mix in general data (``mix_data``/``mix_ratio``) against forgetting, and
-   save the split actually used to ``data/`` (a resumed run reads it back from there). Each conversation is
+   ``augmented_from``), mix in general data against forgetting (``mix_data``/``mix_ratio``: by
+   default the base model's own answers to shipped prompts, ``backend.replay``; marked
+   ``mixed_from``), and save the split actually used to ``data/`` (a resumed run reads it back from there). Each conversation is
    rendered with the run's chat template and system prompt and tokenized with labels on the
    assistant turns only (``backend.template.encode``).
 3. ``_setup_model``: load the base for the method (``backend.models.load_base``: 4-bit NF4 for
@@ -218,8 +219,7 @@ def _general_rows(run, spec: RunSpec, tokenizer, n: int) -> list[dict]:
         rows, cost = replay.rows(spec, n, tokenizer)
         print(f"replay: {cost['rows']} rows; {cost['answered']} prompts answered by the base model now "
               f"(once per model, then cached) in {cost['seconds']:.0f}s", flush=True)
-        if isinstance(run, RunFolder) and not isinstance(run, _Replica):
-            run.set_status(replay=cost)
+        run.set_status(replay=cost)  # a _Replica writes nothing
         return rows
     general = data_mod.prepare(spec.data.mix_data, val_size=0, seed=spec.train.seed).train
     sample = random.Random(spec.train.seed).sample(general, min(len(general), n))
@@ -308,9 +308,8 @@ def _setup_ewc(spec: RunSpec, model, tokenizer):
     """Full fine-tuning with ``ewc_lambda``: the Fisher diagonal on ``ewc_samples`` general rows."""
     if spec.model.method != "full" or not spec.train.ewc_lambda:
         return None
-    from .ewc import EWC
-
     from . import replay
+    from .ewc import EWC
 
     if spec.data.mix_data == replay.NAME:
         sample = data_mod.conversations_of(replay.rows(spec, spec.train.ewc_samples, tokenizer)[0])

@@ -79,6 +79,26 @@ def test_a_default_run_scores_every_checkpoint_and_records_a_choice(advised_run)
     assert (status["recommended"] == advisor.RESULT) == (expected == names[-1])
     assert status["recommended_reason"] and status["advisor_seconds"] >= 0
     assert "(recommended)" in advisor.table(status)
+    from backend import service
+    from ui.runs_tab import detail_markdown
+
+    shown = detail_markdown(service.run_view(advised_run.path))
+    assert "(recommended)" in shown and status["recommended_reason"] in shown
+
+
+def test_the_runs_view_says_what_to_do_when_every_checkpoint_forgets(advised_run, tmp_path):
+    import shutil
+
+    from backend import service
+    from ui.runs_tab import detail_markdown
+
+    copy = tmp_path / "run"
+    shutil.copytree(advised_run.path, copy)
+    rows = [dict(r, learned=0.5, kept=10, n=40) for r in advised_run.status()["checkpoints"]]
+    advisor.record(copy, rows)
+    shown = detail_markdown(service.run_view(copy))
+    assert "every checkpoint that learned forgets" in shown and "lower learning_rate" in shown
+    assert "fewer epochs" in shown and "turn replay on" in shown  # this run had replay off
 
 
 def test_playground_export_and_cli_use_the_recommended_checkpoint(advised_run, tmp_path):

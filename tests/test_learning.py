@@ -12,14 +12,16 @@ probed greedily on the real embedded model (CPU, minutes).
 """
 
 import json
+import os
 import time
 from pathlib import Path
 
 import pytest
 
 from backend import forgetting
-from backend.playground import compare, load_run
+from backend.playground import compare, load_run, resolve_checkpoint
 from backend.presets import build_spec
+from backend.runs import RunFolder
 from backend.train import train
 
 DATA = Path(__file__).parent / "data"
@@ -34,12 +36,17 @@ pytestmark = pytest.mark.slow
 def runs(tmp_path_factory):
     """Per method: ``default`` (the embedded preset as it ships) and ``no_replay`` (the same with
     ``mix_data=none``; only its final result is compared, so it skips the meter and the advisor)."""
-    root = tmp_path_factory.mktemp("learning")
+    # STUDIO_LEARNING_RUNS: a folder whose completed runs are reused (to rerun the checks without training)
+    root = Path(os.environ.get("STUDIO_LEARNING_RUNS") or tmp_path_factory.mktemp("learning"))
     out = {}
     for method in METHODS:
         for kind, extra in (("default", {}), ("no_replay", {"mix_data": "none", "measure_forgetting": False})):
             t0 = time.time()
-            run = train(build_spec({"method": method, "data": str(PERSONA), **extra}), root / f"{method}-{kind}")
+            folder = RunFolder(root / f"{method}-{kind}")
+            if folder.status().get("state") == "completed":
+                out[method, kind] = folder
+                continue
+            run = train(build_spec({"method": method, "data": str(PERSONA), **extra}), folder.path)
             status = run.status()
             print(f"\n{method} {kind}: {status['step']} steps, {status['train_rows']} rows in "
                   f"{(time.time() - t0) / 60:.1f} min (meter and advisor included); "
@@ -55,7 +62,7 @@ def measured(runs):
     cache = {}
 
     def get(method, kind, checkpoint=None):
-        key = (method, kind, checkpoint)
+        key = (method, kind, resolve_checkpoint(runs[method, kind].path, checkpoint))
         if key not in cache:
             loaded = load_run(runs[method, kind].path, checkpoint)
             cache[key] = {
