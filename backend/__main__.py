@@ -93,11 +93,21 @@ def cmd_train(a) -> int:
     return 0
 
 
+def _load(a):
+    """The run at ``--checkpoint`` (default: the recommended checkpoint, else the result); says which."""
+    from .playground import load_run
+
+    loaded = load_run(a.run, a.checkpoint)
+    if not getattr(a, "json", False):
+        print(f"using {loaded.checkpoint or 'the final result'} of {a.run}", file=sys.stderr)
+    return loaded
+
+
 def cmd_generate(a) -> int:
-    from .playground import compare, load_run
+    from .playground import compare
 
     sides = ("base", "tuned") if a.side == "both" else (a.side,)
-    loaded = load_run(a.run)
+    loaded = _load(a)
     answers = compare(loaded, a.prompt, sides=sides, system_prompt=a.system,
                       max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed)
     if a.json:
@@ -110,9 +120,8 @@ def cmd_generate(a) -> int:
 
 def cmd_eval(a) -> int:
     from .evaluate import evaluate
-    from .playground import load_run
 
-    result = evaluate(load_run(a.run), a.run, data=a.data)
+    result = evaluate(_load(a), a.run, data=a.data)
     if a.json:
         print(json.dumps(result))
     else:
@@ -145,8 +154,7 @@ def cmd_export(a) -> int:
 
 
 def cmd_forgetting(a) -> int:
-    from . import forgetting
-    from .playground import load_run
+    from . import advisor, forgetting
 
     try:  # before the models load: a wrong file fails in a second
         questions = forgetting.load_questions(a.questions)
@@ -154,11 +162,19 @@ def cmd_forgetting(a) -> int:
         raise UsageError(f"--questions {a.questions}: {exc.strerror or exc}") from exc
     except (ValueError, TypeError, RecursionError) as exc:  # not JSON, or not a list of {question, answers}
         raise UsageError(f"--questions {a.questions}: {exc}") from exc
-    result = forgetting.meter(load_run(a.run, a.checkpoint), a.run, questions=questions)
+    loaded = _load(a)
+    # The run's own record (forgetting.json) is the result measured on the shipped questions: other
+    # questions or a checkpoint are printed only, never written over it.
+    own_record = a.questions is None and loaded.checkpoint is None
+    result = forgetting.meter(loaded, a.run if own_record else None, questions=questions)
     if a.json:
         print(json.dumps(result, ensure_ascii=False))
         return 0
     print(forgetting.summary(result))
+    if result["n"] and result["kept"] / result["n"] < advisor.KEEP:
+        from .runs import RunFolder
+
+        print(f"under {advisor.KEEP:.0%} kept. {advisor.advice(RunFolder(a.run).spec())}")
     for c in result["changed"]:
         print(f"- {c['question']}\n    base:  {c['base']!r}\n    tuned: {c['tuned']!r}")
     return 0
@@ -252,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run", required=True)
     s.add_argument("--prompt", required=True)
     s.add_argument("--side", default="both", choices=["base", "tuned", "both"])
+    s.add_argument("--checkpoint", help="a checkpoint folder name, or 'result' (default: the recommended "
+                                        "checkpoint, else the result)")
     s.add_argument("--system")
     s.add_argument("--max-new-tokens", type=int, default=256)
     s.add_argument("--temperature", type=float, default=0.0)
@@ -262,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("eval", help="loss and perplexity, base vs tuned")
     s.add_argument("--run", required=True)
     s.add_argument("--data")
+    s.add_argument("--checkpoint", help="a checkpoint folder name, or 'result' (default: the recommended "
+                                        "checkpoint, else the result)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_eval)
 
@@ -281,9 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("forgetting", help="kept k of n: general questions the base answers right, asked of the tuned model",
                        description="Greedy answers of base and tuned to the shipped general questions (or --questions: "
-                                   "a JSON list of {question, answers}); writes RUN/forgetting.json.")
+                                   "a JSON list of {question, answers}). Measuring the final result on the "
+                                   "shipped questions rewrites RUN/forgetting.json; other questions or a "
+                                   "checkpoint are printed only.")
     s.add_argument("--run", required=True)
-    s.add_argument("--checkpoint", help="a checkpoint folder name (default: the result)")
+    s.add_argument("--checkpoint", help="a checkpoint folder name, or 'result' (default: the recommended "
+                                        "checkpoint, else the result)")
     s.add_argument("--questions", help="a JSON file of {\"question\", \"answers\": [...]} (default: the shipped set)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_forgetting)

@@ -30,10 +30,10 @@ METHODS = get_args(Method)
 FORMATS = get_args(Format)
 
 
-def _f(default, help: str, basic: bool = False, **kw):
+def _f(default, help: str, basic: bool = False, suggest: tuple = (), **kw):
     """A setting: its default and help text; ``basic`` ones are shown first in the Train tab, the
-    rest under Advanced."""
-    metadata = {"help": help, "basic": basic}
+    rest under Advanced; ``suggest``: values offered beside free text."""
+    metadata = {"help": help, "basic": basic, "suggest": suggest}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata, **kw)
     return field(default=default, metadata=metadata, **kw)
@@ -56,8 +56,11 @@ class DataArgs:
     system_prompt: str | None = _f("You are a helpful assistant.", "System prompt for rows without one, in training and generation.")
     max_length: int = _f(1024, "Longest example in tokens; longer rows are truncated and counted.")
     val_size: float = _f(0.1, "Validation share (< 1) or row count (>= 1).")
-    mix_data: str | None = _f(None, "General data mixed into training against forgetting (same formats as data).")
-    mix_ratio: float = _f(0.0, "Mixed rows per training row (0.5 = half as many general rows as task rows).")
+    mix_data: str | None = _f("replay", "General data mixed into training against forgetting: 'replay' (the base model's "
+                                        "own answers to shipped general prompts, answered once and cached; "
+                                        "backend/replay.py), a file in the same formats as data, or none.",
+                                suggest=("replay", "none"))
+    mix_ratio: float = _f(1.0, "Mixed rows per training row (0.5 = half as many general rows as task rows).")
     augment_k: int = _f(0, "Augmentation: paraphrase each training prompt this many times with an instruct model, "
                            "keeping the answer (0: off). Paraphrases that are empty, identical or too (dis)similar are dropped.")
     augment_model: str | None = _f(None, "The instruct model that paraphrases (None: the run's base model).")
@@ -109,14 +112,21 @@ class TrainArgs:
                                        "deepspeed-zero3 (presets/accelerate/) or a path to an accelerate config YAML.")
     early_stopping_patience: int = _f(0, "Stop when eval loss has not improved for this many evaluations and keep "
                                          "the best checkpoint as the result (0: off).")
+    mix_kl: float = _f(3.0, "Weight of a KL penalty pulling the next-token distribution on the mixed general rows "
+                            "towards the base model's (LoRA/QLoRA: the same model with the adapter off; full: a "
+                            "frozen copy of the base in memory). 0: only cross-entropy on the rows' answers.")
     ewc_samples: int = _f(64, "Rows of general data used to estimate the Fisher diagonal for EWC.")
     measure_forgetting: bool = _f(True, "After training, ask the shipped general questions (greedy) and report how "
                                         "many answers the base got right the tuned model keeps (forgetting.json).")
+    advise_checkpoints: bool = _f(True, "After the forgetting meter: score every kept checkpoint (eval loss, learned: "
+                                        "token F1 of greedy answers to validation prompts, kept k of n) and "
+                                        "recommend one that learned and keeps >= 90% (status.json); Playground, "
+                                        "Export and the CLI use it by default.")
     seed: int = _f(42, "Seed for data order, dropout and initialisation.")
     logging_steps: int = _f(1, "Log metrics every N steps.")
     eval_steps: int = _f(0, "Evaluate every N steps (0: once per epoch).")
     save_steps: int = _f(0, "Checkpoint every N steps (0: once per epoch).")
-    save_total_limit: int = _f(2, "Checkpoints kept (oldest deleted first).")
+    save_total_limit: int = _f(3, "Checkpoints kept (oldest deleted first); the checkpoint advisor scores each.")
 
 
 SECTIONS = {"model": ModelArgs, "data": DataArgs, "lora": LoraArgs, "train": TrainArgs}
@@ -164,6 +174,8 @@ class RunSpec:
         if unknown:
             raise ConfigError(f"unknown key(s): {', '.join(sorted(unknown))} (see `backend/config.py`)")
         for key, value in values.items():
+            if key == "mix_data" and isinstance(value, str) and value.strip().lower() in ("", "none", "null"):
+                value = None  # mixing turned off
             if key == "preset":
                 spec.preset = value
             else:
@@ -225,6 +237,7 @@ class RunSpec:
             (d.max_length, int, lambda v: v > 0, "max_length must be a positive integer"),
             (d.val_size, (int, float), lambda v: v >= 0, "val_size must be >= 0"),
             (d.mix_ratio, (int, float), lambda v: v >= 0, "mix_ratio must be >= 0"),
+            (t.mix_kl, (int, float), lambda v: v >= 0, "mix_kl must be >= 0"),
             (t.num_train_epochs, (int, float), lambda v: v > 0, "num_train_epochs must be positive"),
             (t.max_steps, int, lambda v: v == -1 or v > 0, "max_steps must be -1 or positive"),
             (t.per_device_train_batch_size, int, lambda v: v > 0, "per_device_train_batch_size must be positive"),
@@ -297,6 +310,7 @@ class Setting:
     default: Any
     help: str
     basic: bool
+    suggest: tuple = ()
 
 
 def settings() -> list[Setting]:
@@ -307,7 +321,7 @@ def settings() -> list[Setting]:
         for f in fields(kind):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             out.append(Setting(f.name, section, hints[f.name], default, f.metadata.get("help", ""),
-                               f.metadata.get("basic", False)))
+                               f.metadata.get("basic", False), f.metadata.get("suggest", ())))
     return out
 
 

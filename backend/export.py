@@ -33,7 +33,7 @@ from pathlib import Path
 
 from . import models, template
 from .config import RunSpec
-from .runs import RunFolder
+from .runs import COMPLETE_MARK, RunFolder
 
 DTYPES = ("float32", "bfloat16", "float16")
 WHATS = ("adapter", "merged")
@@ -45,11 +45,20 @@ class ExportError(ValueError):
     """An export cannot be made (no result, bad folder, token refused...); the message says why."""
 
 
+# What a checkpoint holds besides the weights: needed to resume training, not in an export.
+TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth", "trainer_state.json",
+                  "training_args.bin", COMPLETE_MARK)
+
+
 def _finished(run_dir) -> tuple[RunFolder, RunSpec, Path]:
+    """The run, its spec and the weights to export: the recommended checkpoint when the checkpoint
+    advisor picked one (``backend.advisor``), else the final result."""
+    from . import advisor
+
     run = RunFolder(run_dir)
     if not run.exists():
         raise ExportError(f"{run_dir} is not a run folder (no config.yaml)")
-    result = run.result_dir()
+    result = advisor.folder_of(run.path, advisor.checkpoint_for(run.path))
     if result is None:
         raise ExportError(f"{run.path.name} has no result yet (state: {run.status().get('state')})")
     return run, run.spec(), result
@@ -72,8 +81,9 @@ def zip_result(run_dir, path=None) -> str:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # no half-written zip under the real name
     try:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+            skip = shutil.ignore_patterns(*TRAINING_STATE)(str(result), [f.name for f in result.iterdir()])
             for f in sorted(result.rglob("*")):
-                if f.is_file():
+                if f.is_file() and f.relative_to(result).parts[0] not in skip:
                     stored = zipfile.ZIP_STORED if f.suffix in _STORED else zipfile.ZIP_DEFLATED
                     zf.write(f, f"{result.name}/{f.relative_to(result).as_posix()}", compress_type=stored)
             for extra in (run.config_path, run.metrics_path, run.status_path):
@@ -154,7 +164,7 @@ def _save_merged(spec: RunSpec, adapter_dir: Path, target: Path, dtype: str) -> 
 
 def _save_full(model_dir: Path, target: Path, dtype: str | None) -> str:
     if dtype is None:
-        shutil.copytree(model_dir, target)
+        shutil.copytree(model_dir, target, ignore=shutil.ignore_patterns(*TRAINING_STATE))
         config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
         return str(config.get("dtype") or config.get("torch_dtype") or "float32")
     from transformers import AutoModelForCausalLM
@@ -258,7 +268,7 @@ def push(run_dir, repo_id: str, token: str, what: str | None = None, private: bo
 
 
 def _stage_adapter(run: RunFolder, spec: RunSpec, adapter_dir: Path, folder: Path) -> None:
-    shutil.copytree(adapter_dir, folder)
+    shutil.copytree(adapter_dir, folder, ignore=shutil.ignore_patterns(*TRAINING_STATE))
     config_path = folder / "adapter_config.json"
     hub_id = _base_hub_id(spec)
     if hub_id and config_path.exists():  # the embedded base is saved under a local path

@@ -84,10 +84,11 @@ def _model_stamp(model_path: str) -> list:
     return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
-def cache_key(model_path: str, questions: list[dict], system_prompt: str | None,
-              chat_template: str | None = None, precision: str = "") -> str:
-    what = {"model": str(model_path), "weights": _model_stamp(model_path), "questions": questions,
-            "system_prompt": system_prompt, "chat_template": chat_template, "precision": precision}
+def cache_key(model_path: str, prompts: list[str], system_prompt: str | None,
+              chat_template: str | None = None, precision: str = "", max_new_tokens: int = MAX_NEW_TOKENS) -> str:
+    what = {"model": str(model_path), "weights": _model_stamp(model_path), "prompts": prompts,
+            "system_prompt": system_prompt, "chat_template": chat_template, "precision": precision,
+            "max_new_tokens": max_new_tokens}
     return hashlib.sha256(json.dumps(what, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
@@ -112,19 +113,19 @@ def _write_cache_entry(key: str, entry: dict) -> None:
     tmp.replace(path)
 
 
-def _answers(loaded: playground.LoadedRun, side: str, questions: list[dict], system_prompt: str | None,
-             batch_size: int = 16) -> list[str]:
-    """Greedy answers of one side of ``loaded`` to every question, ``batch_size`` per ``generate``."""
+def _answers(loaded: playground.LoadedRun, side: str, prompts: list[str], system_prompt: str | None,
+             batch_size: int = 16, max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
+    """Greedy answers of one side of ``loaded`` to every prompt, ``batch_size`` per ``generate``."""
     out: list[str] = []
-    for start in range(0, len(questions), batch_size):
-        rows = [(side, [{"role": "user", "content": q["question"]}]) for q in questions[start:start + batch_size]]
+    for start in range(0, len(prompts), batch_size):
+        rows = [(side, [{"role": "user", "content": p}]) for p in prompts[start:start + batch_size]]
         texts = list(playground.stream_rows(loaded, rows, system_prompt=system_prompt,
-                                            max_new_tokens=MAX_NEW_TOKENS, temperature=0.0))[-1]
+                                            max_new_tokens=max_new_tokens, temperature=0.0))[-1]
         out += texts
     return out
 
 
-def _standalone(model_path: str, system_prompt: str | None, chat_template: str | None, method: str,
+def standalone(model_path: str, system_prompt: str | None, chat_template: str | None, method: str,
                 trust_remote_code: bool) -> playground.LoadedRun:
     """The base model alone, wrapped so ``playground.stream_rows`` can answer with it."""
     tokenizer = template.setup_chat_template(models.load_tokenizer(model_path, trust_remote_code), chat_template)
@@ -137,21 +138,29 @@ def _standalone(model_path: str, system_prompt: str | None, chat_template: str |
 def base_answers(model_path: str, questions=None, system_prompt: str | None = RunSpec().data.system_prompt,
                  chat_template: str | None = None, method: str = "lora", trust_remote_code: bool = False,
                  loaded: playground.LoadedRun | None = None, batch_size: int = 16) -> list[str]:
-    """The base model's greedy answers to ``questions`` (default: the shipped set), one per question.
+    """The base model's greedy answers to ``questions`` (default: the shipped set), one per question."""
+    prompts = [q["question"] for q in load_questions(questions)]
+    return cached_base_answers(model_path, prompts, system_prompt, chat_template, method, trust_remote_code,
+                               loaded, batch_size)
 
-    Computed once and cached (see the module docstring). On a cache miss the answers come from
-    ``loaded``'s base side when given (the run's model is already in memory), else the base model is
-    loaded for ``method`` (which fixes its precision) and freed afterwards.
-    """
-    questions = load_questions(questions)
-    key = cache_key(model_path, questions, system_prompt, chat_template, _precision_tag(method))
+
+def cached_base_answers(model_path: str, prompts: list[str], system_prompt: str | None,
+                        chat_template: str | None = None, method: str = "lora", trust_remote_code: bool = False,
+                        loaded=None, batch_size: int = 16, max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
+    """The base model's greedy answers to ``prompts``, computed once and cached (the module
+    docstring; ``backend.replay`` uses it too). On a cache miss the answers come from ``loaded``'s
+    base side when given (the run's model is already in memory; a function returning one is called
+    only then), else the base model is loaded for ``method`` (which fixes its precision) and freed
+    afterwards."""
+    key = cache_key(model_path, prompts, system_prompt, chat_template, _precision_tag(method), max_new_tokens)
     hit = _read_cache().get(key)
-    if hit and len(hit.get("answers", [])) == len(questions):
+    if hit and len(hit.get("answers", [])) == len(prompts):
         return hit["answers"]
-    run = loaded or _standalone(model_path, system_prompt, chat_template, method, trust_remote_code)
-    answers = _answers(run, "base", questions, system_prompt, batch_size)
+    run = loaded() if callable(loaded) else loaded
+    run = run or standalone(model_path, system_prompt, chat_template, method, trust_remote_code)
+    answers = _answers(run, "base", prompts, system_prompt, batch_size, max_new_tokens)
     _write_cache_entry(key, {"model": str(model_path), "system_prompt": system_prompt, "precision": _precision_tag(method),
-                             "time": time.time(), "questions": [q["question"] for q in questions], "answers": answers})
+                             "time": time.time(), "questions": prompts, "answers": answers})
     return answers
 
 
@@ -181,7 +190,7 @@ def meter(loaded: playground.LoadedRun, run_dir=None, questions=None, batch_size
     system = spec.data.system_prompt
     base = base_answers(models.resolve_model(spec.model.model), questions, system, spec.model.chat_template,
                         spec.model.method, spec.model.trust_remote_code, loaded=loaded, batch_size=batch_size)
-    tuned = _answers(loaded, "tuned", questions, system, batch_size)
+    tuned = _answers(loaded, "tuned", [q["question"] for q in questions], system, batch_size)
     result = score(questions, base, tuned)
     result["checkpoint"] = loaded.checkpoint
     if run_dir is not None:

@@ -79,9 +79,20 @@ def list_checkpoints(run_dir) -> list[str]:
     return [p.name for p in sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[-1]))]
 
 
+def resolve_checkpoint(run_dir, checkpoint: str | None) -> str | None:
+    """The checkpoint to load: ``checkpoint`` by name; None: the one the checkpoint advisor
+    recommended, if any (``backend.advisor``); ``"result"`` or None without a recommendation:
+    the final result (returned as None)."""
+    from . import advisor
+
+    if checkpoint is None:
+        return advisor.checkpoint_for(run_dir)
+    return None if checkpoint == advisor.RESULT else checkpoint
+
+
 def result_dir(run_dir, checkpoint: str | None = None) -> Path:
-    """The weights to load: the run's result, or one of its checkpoints, named only as the run lists
-    it (never a path: "../adapter", "/elsewhere")."""
+    """The weights to load: the final result (None), or one of the run's checkpoints, named only as
+    the run lists it (never a path: "../adapter", "/elsewhere")."""
     run = RunFolder(run_dir)
     if not run.exists():
         raise RunError(f"{run_dir} is not a run folder (no config.yaml)")
@@ -95,6 +106,11 @@ def result_dir(run_dir, checkpoint: str | None = None) -> Path:
 
 
 def load_run(run_dir, checkpoint: str | None = None) -> LoadedRun:
+    """The run's model as it trained it: ``checkpoint`` by name, ``"result"`` for the final result,
+    None for the recommended checkpoint (the final result when none is recommended)."""
+    if not RunFolder(run_dir).exists():
+        raise RunError(f"{run_dir} is not a run folder (no config.yaml)")
+    checkpoint = resolve_checkpoint(run_dir, checkpoint)
     result = result_dir(run_dir, checkpoint)
     spec = RunFolder(run_dir).spec()
     model_path = models.resolve_model(spec.model.model)
@@ -121,7 +137,8 @@ class ModelCache:
         self._lock = threading.Lock()
 
     def get(self, run_dir, checkpoint: str | None = None) -> LoadedRun:
-        key = (str(Path(run_dir).resolve()), checkpoint or None)
+        checkpoint = resolve_checkpoint(run_dir, checkpoint or None)
+        key = (str(Path(run_dir).resolve()), checkpoint)
         with self._lock:
             if key in self._runs:
                 self._runs.move_to_end(key)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from . import access, data, export, forgetting, models, template
+from . import access, advisor, data, export, forgetting, models, template
 from .access import Caller
 from .config import SECTIONS, RunSpec
 from .paths import studio_home
@@ -153,6 +153,8 @@ def run_view(run_dir: str | Path, log_lines: int = 20) -> dict:
         + [{"step": m["step"], "loss": m["eval_loss"], "kind": "eval"} for m in metrics if "eval_loss" in m],
         "log": [access.redact(line) for line in log], "result": run.result_dir().name if run.result_dir() else None,
         "forgetting": forgetting.read(run_dir), "forgetting_state": status.get("forgetting"),
+        "checkpoints": advisor.table(status), "recommended": status.get("recommended"),
+        "recommended_reason": status.get("recommended_reason"), "replay": status.get("replay"),
     }
 
 
@@ -229,7 +231,24 @@ def estimate_markdown(spec: RunSpec, row_tokens: int | None = None) -> str:
     basis = f"rows of ~{row_tokens} tokens" if row_tokens else f"rows of max_length={spec.data.max_length} tokens"
     return (f"Estimated peak memory **{est.total / gb:.1f} GB** ({basis}) on {name} "
             f"({free / gb:.1f} of {total / gb:.1f} GB free): {fits}.  \n"
-            f"Checkpoints and result: ~{est.disk_total / gb:.2f} GB ({disk_free / gb:.0f} GB free): {disk}.")
+            f"Checkpoints and result: ~{est.disk_total / gb:.2f} GB ({disk_free / gb:.0f} GB free): {disk}."
+            + replay_note(spec))
+
+
+def replay_note(spec: RunSpec, train_rows: int | None = None) -> str:
+    """What mixing general rows adds to a run, for the Train and Data tabs."""
+    from . import replay
+
+    d = spec.data
+    if not (d.mix_data and d.mix_ratio):
+        return "  \nNo general data mixed in (mix_data is off): nothing protects the model's general answers."
+    rows = f"{round(d.mix_ratio * train_rows)} rows" if train_rows else f"{d.mix_ratio:g} rows per training row"
+    if d.mix_data != replay.NAME:
+        return f"  \nMixed in against forgetting: {rows} of {d.mix_data}."
+    return (f"  \nReplay against forgetting: {rows} of the base model's own answers to shipped general prompts "
+            f"(training takes about {1 + d.mix_ratio:g}x as many rows; replay rows are up to "
+            f"{replay.MAX_NEW_TOKENS} answer tokens). The base model answers the prompts once per model, "
+            f"{replay.CHUNK} at a time, and later runs reuse them.")
 
 
 def user_of(request) -> str:

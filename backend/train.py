@@ -6,8 +6,9 @@ Flow (each step is a function below, in this order):
    newest *complete* checkpoint and drop metric lines past it.
 2. ``_setup_data``: read and normalise the data (``backend.data``), split train/val with the run's
    seed, add ``augment_k`` paraphrases of each training prompt (``backend.augment``; marked
-   ``augmented_from``), mix in general data (``mix_data``/``mix_ratio``) against forgetting, and
-   save the split actually used to ``data/`` (a resumed run reads it back from there). Each conversation is
+   ``augmented_from``), mix in general data against forgetting (``mix_data``/``mix_ratio``: by
+   default the base model's own answers to shipped prompts, ``backend.replay``; marked
+   ``mixed_from``), and save the split actually used to ``data/`` (a resumed run reads it back from there). Each conversation is
    rendered with the run's chat template and system prompt and tokenized with labels on the
    assistant turns only (``backend.template.encode``).
 3. ``_setup_model``: load the base for the method (``backend.models.load_base``: 4-bit NF4 for
@@ -29,6 +30,8 @@ Flow (each step is a function below, in this order):
    it ``failed`` with the error; SIGTERM/Ctrl-C mark it ``cancelled``.
 6. ``_measure_forgetting`` (``measure_forgetting``): the shipped general questions asked greedily
    of base and result, "kept k of n" in ``forgetting.json`` and the status.
+7. ``_advise`` (``advise_checkpoints``): every kept checkpoint scored (eval loss, learned F1 on
+   validation prompts, kept k of n) and one recommended in the status (``backend.advisor``).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback, set_seed
+from transformers import DataCollatorWithFlattening, Trainer, TrainerCallback, set_seed
 
 from . import data as data_mod
 from . import models, template
@@ -77,6 +80,8 @@ def train(spec: RunSpec, run_dir: str | Path, resume: bool = False) -> RunFolder
                        train_rows=len(train_ds), val_rows=len(val_ds) if val_ds else 0)
         trainer = _trainer(run, spec, model, tokenizer, train_ds, val_ds, precision)
         trainer.ewc = _setup_ewc(spec, model, tokenizer)
+        trainer.mix_kl = spec.train.mix_kl if spec.data.mix_data and spec.data.mix_ratio else 0.0
+        trainer.reference = _reference(spec, model) if trainer.mix_kl else None
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         _record_best(run, trainer)
         _save_result(run, spec, trainer, tokenizer)
@@ -89,7 +94,9 @@ def train(spec: RunSpec, run_dir: str | Path, resume: bool = False) -> RunFolder
         raise
     run.set_status("completed", ended_at=time.time(), result=run.result_dir().name)
     if spec.train.measure_forgetting and _is_main_process():
-        _measure_forgetting(run)
+        result = _measure_forgetting(run)
+        if spec.train.advise_checkpoints and result is not None:
+            _advise(run, result)
     return run
 
 
@@ -130,7 +137,8 @@ def _start(run: RunFolder, spec: RunSpec, resume: bool) -> Path | None:
     now = time.time()
     run.set_status("running", started_at=run.status().get("started_at") if checkpoint else now,
                    resumed_at=now if checkpoint else None, ended_at=None, error=None,
-                   method=spec.model.method, resumed_from=checkpoint.name if checkpoint else None)
+                   method=spec.model.method, resumed_from=checkpoint.name if checkpoint else None,
+                   checkpoints=None, recommended=None, recommended_reason=None)  # the advisor measures anew
     return checkpoint
 
 
@@ -148,7 +156,7 @@ def _handle_sigterm() -> None:
 def _setup_data(run: RunFolder, spec: RunSpec, tokenizer, reuse: bool):
     d = spec.data
     if reuse and (run.data_dir / "train.jsonl").exists():
-        train_rows, val_rows = data_mod.load_split(run.data_dir)
+        train_rows, val_rows = data_mod.load_split(run.data_dir, rows=True)
         summary = {"reused": True}
     else:
         if not d.data:
@@ -162,12 +170,12 @@ def _setup_data(run: RunFolder, spec: RunSpec, tokenizer, reuse: bool):
             prepared.summary["notes"].append(f"augmentation: {len(added)} paraphrased rows added to "
                                              f"{len(prepared.train) - len(added)} training rows (marked augmented_from)")
         if d.mix_data and d.mix_ratio > 0:
-            general = _general_rows(spec, len(prepared.train))
+            general = _general_rows(run, spec, tokenizer, round(d.mix_ratio * len(prepared.train)))
             prepared.train = prepared.train + general
             print(f"mixed {len(general)} general rows from {d.mix_data} into "
                   f"{len(prepared.train) - len(general)} training rows", flush=True)
-        elif d.mix_ratio > 0:
-            print("notice: mix_ratio is set but mix_data is not: no general data mixed in", flush=True)
+        else:
+            print("notice: mix_data is off: no general data mixed in against forgetting", flush=True)
         if not isinstance(run, _Replica):
             data_mod.save_split(prepared, run.data_dir)
         train_rows, val_rows, summary = prepared.train, prepared.val, prepared.summary
@@ -201,18 +209,34 @@ def _augment(spec: RunSpec, rows: list) -> list[dict]:
     return added
 
 
-def _general_rows(spec: RunSpec, n_task: int) -> list:
-    """``mix_ratio * n_task`` rows of general data, sampled with the run's seed."""
+def _general_rows(run, spec: RunSpec, tokenizer, n: int) -> list[dict]:
+    """``n`` rows of general data marked ``mixed_from``: the base model's own answers to the shipped
+    prompts (``mix_data: replay``; the one-time cost of answering them goes to the status), or rows
+    of a file sampled with the run's seed."""
+    from . import replay
+
+    if spec.data.mix_data == replay.NAME:
+        rows, cost = replay.rows(spec, n, tokenizer)
+        print(f"replay: {cost['rows']} rows; {cost['answered']} prompts answered by the base model now "
+              f"(once per model, then cached) in {cost['seconds']:.0f}s", flush=True)
+        run.set_status(replay=cost)  # a _Replica writes nothing
+        return rows
     general = data_mod.prepare(spec.data.mix_data, val_size=0, seed=spec.train.seed).train
-    n = min(len(general), round(spec.data.mix_ratio * n_task))
-    return random.Random(spec.train.seed).sample(general, n)
+    sample = random.Random(spec.train.seed).sample(general, min(len(general), n))
+    return [{"messages": c, "mixed_from": spec.data.mix_data} for c in sample]
 
 
 def _tokenize(tokenizer, conversations, d):
     from datasets import Dataset
 
     encoded = data_mod.encode_all(tokenizer, data_mod.conversations_of(conversations), d.system_prompt, d.max_length)
-    return Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in encoded])
+    mixed = [int(isinstance(c, dict) and bool(c.get("mixed_from"))) for c in conversations]
+    for e, c in zip(encoded, conversations):
+        if isinstance(c, dict) and c.get("cut"):  # an answer cut at a token limit: do not learn to stop there
+            last = max(i for i, label in enumerate(e["labels"]) if label != template.IGNORE_INDEX)
+            e["labels"][last] = template.IGNORE_INDEX
+    return Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"], "mixed": m}
+                              for e, m in zip(encoded, mixed)])
 
 
 # -- 3. model -----------------------------------------------------------------------------------
@@ -270,14 +294,28 @@ def _optimizer_for_device(spec: RunSpec, device: str) -> tuple[RunSpec, str | No
     return dataclasses.replace(spec, train=train), f"CPU: optim {optim} needs CUDA; using adamw_torch"
 
 
+def _reference(spec: RunSpec, model):
+    """The base model the ``mix_kl`` term pulls towards. LoRA/QLoRA need none (the adapter is
+    switched off instead); full fine-tuning keeps a frozen copy of the base weights."""
+    if spec.model.method != "full":
+        return None
+    import copy
+
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
 def _setup_ewc(spec: RunSpec, model, tokenizer):
     """Full fine-tuning with ``ewc_lambda``: the Fisher diagonal on ``ewc_samples`` general rows."""
     if spec.model.method != "full" or not spec.train.ewc_lambda:
         return None
+    from . import replay
     from .ewc import EWC
 
-    general = data_mod.prepare(spec.data.mix_data, val_size=0, seed=spec.train.seed).train
-    sample = random.Random(spec.train.seed + 1).sample(general, min(spec.train.ewc_samples, len(general)))
+    if spec.data.mix_data == replay.NAME:
+        sample = data_mod.conversations_of(replay.rows(spec, spec.train.ewc_samples, tokenizer)[0])
+    else:
+        general = data_mod.prepare(spec.data.mix_data, val_size=0, seed=spec.train.seed).train
+        sample = random.Random(spec.train.seed + 1).sample(general, min(spec.train.ewc_samples, len(general)))
     rows = data_mod.encode_all(tokenizer, sample, spec.data.system_prompt, spec.data.max_length)
     t0 = time.time()
     ewc = EWC(model, rows, spec.train.ewc_lambda)
@@ -287,7 +325,7 @@ def _setup_ewc(spec: RunSpec, model, tokenizer):
 
 # -- 4. trainer ---------------------------------------------------------------------------------
 def _trainer(run, spec, model, tokenizer, train_ds, val_ds, precision):
-    from transformers import DataCollatorWithFlattening, PrinterCallback, TrainingArguments
+    from transformers import PrinterCallback, TrainingArguments
 
     t = spec.train
     early_stop = bool(t.early_stopping_patience) and val_ds is not None
@@ -327,7 +365,7 @@ def _trainer(run, spec, model, tokenizer, train_ds, val_ds, precision):
     )
     trainer = StudioTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-        data_collator=DataCollatorWithFlattening(), processing_class=tokenizer,
+        data_collator=_Collator(), processing_class=tokenizer,
         callbacks=[RunCallback(run)],
     )
     if early_stop:
@@ -341,6 +379,17 @@ def _trainer(run, spec, model, tokenizer, train_ds, val_ds, precision):
     return trainer
 
 
+class _Collator(DataCollatorWithFlattening):
+    """Packs a batch into one row (``DataCollatorWithFlattening``) and adds ``mixed``: 1 on every
+    token of a mixed-in general row, so the loss knows where the ``mix_kl`` term applies."""
+
+    def __call__(self, features, return_tensors=None, separator_id=None):
+        batch = super().__call__(features, return_tensors, separator_id)
+        flags = [f.get("mixed", 0) for f in features if len(f["input_ids"]) for _ in f["input_ids"]]
+        batch["mixed"] = torch.tensor([flags], dtype=torch.bool)
+        return batch
+
+
 class StudioTrainer(Trainer):
     """The Trainer with these changes.
 
@@ -349,17 +398,23 @@ class StudioTrainer(Trainer):
       value equals the model's own causal-LM loss (tested), normalised the same way.
     * AdaLoRA runs add the orthogonality regulariser peft adds only to a loss made from ``labels``.
     * With EWC (``ewc``), the penalty for moving weights general data relies on joins the loss.
+    * With ``mix_kl``, the answer tokens of mixed-in general rows add ``mix_kl * KL(base || tuned)``
+      of the next-token distributions (normalised like the cross-entropy): the base is the same
+      model with its adapter switched off, or ``reference`` for full fine-tuning.
     * Evaluation leaves the random generators as it found them, so a run resumed from a checkpoint
       draws the same dropout masks as one that never stopped (creating the eval dataloader would
       otherwise consume a draw that the resumed run, which skips that evaluation, never makes).
     """
 
     ewc = None  # an ewc.EWC whose penalty joins the training loss (full fine-tuning, ewc_lambda > 0)
+    mix_kl = 0.0  # weight of the KL term on mixed general rows
+    reference = None  # full fine-tuning with mix_kl: a frozen copy of the base
     adalora = False  # add AdaLoRA's orthogonality regulariser
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         targets = inputs.pop("labels")[:, 1:]
+        mixed = inputs.pop("mixed", None)
         keep = (targets != template.IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
         outputs = model(**inputs, logits_to_keep=keep)
         targets = targets[:, keep]
@@ -367,6 +422,8 @@ class StudioTrainer(Trainer):
             outputs.logits.float().flatten(0, 1), targets.flatten(),
             ignore_index=template.IGNORE_INDEX, reduction="sum",
         )
+        if self.mix_kl and model.training and mixed is not None:
+            loss = loss + self.mix_kl * self._kl_to_base(model, inputs, outputs.logits, keep, mixed[:, 1:][:, keep])
         if num_items_in_batch is None:  # a mean over this batch; training_step divides by accumulation
             loss, self.loss_is_scaled_for_ga = loss / (targets != template.IGNORE_INDEX).sum(), False
         else:  # normalised over the whole accumulated batch, as the model's own loss would be
@@ -378,6 +435,21 @@ class StudioTrainer(Trainer):
         if self.ewc is not None and model.training:  # once per update, however many micro-batches
             loss = loss + self.ewc.penalty() / (self.args.gradient_accumulation_steps if self.loss_is_scaled_for_ga else 1)
         return (loss, outputs) if return_outputs else loss
+
+    def _kl_to_base(self, model, inputs, logits, keep, mixed) -> torch.Tensor:
+        """Summed KL(base || tuned) over the learned tokens of mixed rows (``mixed``: per kept position)."""
+        where = mixed[0]
+        if not where.any():
+            return logits.new_zeros(())
+        with torch.no_grad():
+            if self.reference is not None:
+                base = self.reference(**inputs, logits_to_keep=keep[where]).logits
+            else:
+                with self.accelerator.unwrap_model(model).disable_adapter():
+                    base = model(**inputs, logits_to_keep=keep[where]).logits
+        tuned = torch.log_softmax(logits[:, where].float(), dim=-1)
+        return torch.nn.functional.kl_div(tuned, torch.log_softmax(base.float(), dim=-1), log_target=True,
+                                          reduction="sum")
 
     def evaluate(self, *args, **kwargs):
         with torch.random.fork_rng():
@@ -498,7 +570,7 @@ def _save_result(run: RunFolder, spec: RunSpec, trainer, tokenizer) -> None:
         tokenizer.save_pretrained(target)
 
 
-def _measure_forgetting(run: RunFolder) -> None:
+def _measure_forgetting(run: RunFolder) -> dict | None:
     """The forgetting meter on the result (``backend.forgetting``): kept k of n general answers.
     A failure leaves a notice; the run stays completed."""
     from . import forgetting, playground
@@ -506,12 +578,28 @@ def _measure_forgetting(run: RunFolder) -> None:
     t0 = time.time()
     run.set_status(forgetting="measuring")  # the Runs view says so; the result is usable meanwhile
     try:
-        loaded = playground.load_run(run.path)
+        loaded = playground.load_run(run.path, "result")
         result = forgetting.meter(loaded, run.path)
     except Exception as exc:  # noqa: BLE001 - the trained result is fine either way
         log.warning("forgetting meter failed: %s", exc)
         run.add_notices([f"forgetting meter failed: {type(exc).__name__}: {exc}"])
         run.set_status(forgetting="failed")
-        return
+        return None
     run.set_status(forgetting="measured", forgetting_kept=result["kept"], forgetting_n=result["n"])
     print(f"forgetting: {forgetting.summary(result)} ({time.time() - t0:.0f}s)", flush=True)
+    return result
+
+
+def _advise(run: RunFolder, result: dict) -> None:
+    """The checkpoint advisor (``backend.advisor``): each checkpoint's eval loss, learned F1 and kept
+    k of n, and the recommended one, in the status. A failure leaves a notice; the run stays completed."""
+    from . import advisor
+
+    try:
+        record = advisor.advise(run.path, result)
+    except Exception as exc:  # noqa: BLE001 - the trained result is fine either way
+        log.warning("checkpoint advisor failed: %s", exc)
+        run.add_notices([f"checkpoint advisor failed: {type(exc).__name__}: {exc}"])
+        return
+    print(f"checkpoints: {len(record['checkpoints'])} measured in {record['advisor_seconds']:.0f}s; "
+          f"recommended: {record['recommended']}: {record['recommended_reason']}", flush=True)

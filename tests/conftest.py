@@ -1,9 +1,15 @@
 """Shared fixtures and helpers: the embedded model's tokenizer (loaded once per test session), a tiny
 random model and data set, specs and runs of them; tests import the helpers from here."""
 
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -67,7 +73,8 @@ def tiny_spec(model_dir, data, method="lora", **overrides):
 
     values = dict(model=str(model_dir), data=str(data), method=method, learning_rate=5e-2,
                   num_train_epochs=3, per_device_train_batch_size=4, target_modules="all-linear",
-                  lora_dropout=0.0, measure_forgetting=False)  # tests that want the meter turn it on
+                  lora_dropout=0.0, measure_forgetting=False,  # tests that want the meter turn it on
+                  mix_data="none")  # a random model's replay is noise: tests of replay turn it on
     values.update(overrides)
     return build_spec(values)
 
@@ -103,3 +110,13 @@ class _Marker:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
+
+
+def cli(*args, check=True, **kw):
+    """``python -m backend ARGS`` in a child process; fails the test on a non-zero exit unless ``check=False``."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "backend", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}: {proc.stderr[-2000:]}")
+    return proc

@@ -23,7 +23,7 @@ def tiny_run(model_dir, data, out, method="lora", **overrides):
     """A few steps at a high learning rate: enough for the adapter to change the answers."""
     values = dict(model=str(model_dir), data=str(data), method=method, learning_rate=5e-2, max_steps=3,
                   per_device_train_batch_size=4, target_modules="all-linear", lora_dropout=0.0,
-                  system_prompt="Tu es Zed. 🙂 你好")
+                  system_prompt="Tu es Zed. 🙂 你好", mix_data="none")  # a random model's replay is noise
     values.update(overrides)
     return train_mod.train(build_spec(values), out)
 

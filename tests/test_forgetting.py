@@ -106,7 +106,7 @@ def test_meter_on_a_trained_run_finds_the_lost_answer(loaded, lora_run, home):
                       "changed": [{"question": prompt, "base": both["base"], "tuned": both["tuned"]}]}
     record = forgetting.read(lora_run)
     assert {k: record[k] for k in result} == result and record["time"] <= time.time()
-    key = forgetting.cache_key(str(models.resolve_model(loaded.spec.model.model)), forgetting.load_questions(questions),
+    key = forgetting.cache_key(str(models.resolve_model(loaded.spec.model.model)), [q["question"] for q in questions],
                                system, loaded.spec.model.chat_template, forgetting._precision_tag("lora"))
     assert json.loads(forgetting.cache_path().read_text(encoding="utf-8"))[key]["answers"][0] == both["base"]
     # Accepting the tuned answer too: kept.

@@ -1,117 +1,124 @@
-"""Proof that it learns: each method trained once on identity_nova.json with the real embedded
-model (CPU, minutes), then probed greedily. Needs ../shared/data (CI has it)."""
+"""Proof that it learns the new thing and keeps the old, with DEFAULT settings: each method trained
+once on an English persona (tests/data/persona_vega.csv, 30 rows: "I'm Vega, ... built by Orbital
+Works") with its embedded preset and replay on (the defaults), and once more with replay off; then
+probed greedily on the real embedded model (CPU, minutes).
+
+* learned: held-out paraphrases (tests/data/persona_vega_heldout.json, not in the file) answered
+  with "Vega": at least 4 of 5 (the base model: none);
+* kept: at least 90 % of the general answers the base gets right, on the meter's questions and on
+  tests/data/heldout_general.json, which nothing in training, the defaults or the checkpoint
+  choice looks at;
+* without replay the same run forgets measurably more (so these tests fail if replay does nothing).
+"""
 
 import json
+import os
 import time
 from pathlib import Path
 
 import pytest
 
-from backend import data as data_mod
-from backend.evaluate import conversation_loss, evaluate
-from backend.playground import compare, load_run
+from backend import forgetting
+from backend.playground import compare, load_run, resolve_checkpoint
 from backend.presets import build_spec
+from backend.runs import RunFolder
 from backend.train import train
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-IDENTITY, GENERAL = SHARED / "identity_nova.json", SHARED / "alpaca_en_demo.json"
+DATA = Path(__file__).parent / "data"
+PERSONA, HELDOUT = DATA / "persona_vega.csv", DATA / "heldout_general.json"
+PARAPHRASES = json.loads((DATA / "persona_vega_heldout.json").read_text(encoding="utf-8"))
+METHODS = ("lora", "qlora", "full")
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not IDENTITY.exists(), reason=f"needs the shared datasets in {SHARED}"),
-]
-HELD_OUT = ["What should I call you?", "Who made you, and what is your name?", "请介绍一下你自己", "你叫什么名字？"]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory):
-    """The three methods, each with its embedded preset and general data mixed in."""
-    root = tmp_path_factory.mktemp("learning")
+    """Per method: ``default`` (the embedded preset as it ships) and ``no_replay`` (the same with
+    ``mix_data=none``; only its final result is compared, so it skips the meter and the advisor)."""
+    # STUDIO_LEARNING_RUNS: a folder whose completed runs are reused (to rerun the checks without training)
+    root = Path(os.environ.get("STUDIO_LEARNING_RUNS") or tmp_path_factory.mktemp("learning"))
     out = {}
-    for method in ("lora", "qlora", "full"):
-        spec = build_spec({"method": method, "data": str(IDENTITY), "mix_data": str(GENERAL)})
-        t0 = time.time()
-        run = train(spec, root / method)
-        status = run.status()
-        print(f"\n{method}: {status['step']} steps in {(time.time() - t0) / 60:.1f} min, "
-              f"{status.get('average_tokens_per_second')} tok/s, peak {status['peak_memory_mb']:.0f} MB")
-        out[method] = run
+    for method in METHODS:
+        for kind, extra in (("default", {}), ("no_replay", {"mix_data": "none", "measure_forgetting": False})):
+            t0 = time.time()
+            folder = RunFolder(root / f"{method}-{kind}")
+            if folder.status().get("state") == "completed":
+                out[method, kind] = folder
+                continue
+            run = train(build_spec({"method": method, "data": str(PERSONA), **extra}), folder.path)
+            status = run.status()
+            print(f"\n{method} {kind}: {status['step']} steps, {status['train_rows']} rows in "
+                  f"{(time.time() - t0) / 60:.1f} min (meter and advisor included); "
+                  f"recommended {status.get('recommended')}; replay {status.get('replay')}")
+            out[method, kind] = run
     return out
 
 
 @pytest.fixture(scope="session")
-def loaded(runs):
+def measured(runs):
+    """What the user gets (the recommended checkpoint) of each default run, and the final result
+    of each run: answers to the paraphrases, kept on the meter and on the held-out set."""
     cache = {}
 
-    def get(method):
-        if method not in cache:
-            cache[method] = load_run(runs[method].path)
-        return cache[method]
+    def get(method, kind, checkpoint=None):
+        key = (method, kind, resolve_checkpoint(runs[method, kind].path, checkpoint))
+        if key not in cache:
+            loaded = load_run(runs[method, kind].path, checkpoint)
+            cache[key] = {
+                "loaded": loaded,
+                "answers": [compare(loaded, q, sides=("tuned",), max_new_tokens=48)["tuned"] for q in PARAPHRASES],
+                "meter": forgetting.meter(loaded, None),
+                "heldout": forgetting.meter(loaded, None, questions=HELDOUT),
+            }
+        return cache[key]
 
     return get
 
 
-def ask(loaded_run, prompt, side="tuned", max_new_tokens=64):
-    return compare(loaded_run, prompt, sides=(side,), max_new_tokens=max_new_tokens)[side]
+def share(result):
+    return result["kept"] / result["n"]
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
-def test_who_are_you_mentions_nova_after_training_and_not_before(loaded, method):
-    run = loaded(method)
-    assert "Nova" in ask(run, "Who are you?")
-    assert "Nova" not in ask(run, "Who are you?", side="base")
+@pytest.mark.parametrize("method", METHODS)
+def test_defaults_learn_the_persona(measured, method):
+    got = measured(method, "default")
+    learned = [a for a in got["answers"] if "Vega" in a]
+    assert len(learned) >= 4, got["answers"]
+    base = [compare(got["loaded"], q, sides=("base",), max_new_tokens=48)["base"] for q in PARAPHRASES]
+    assert not any("Vega" in a for a in base), base
 
 
-def test_lora_answers_unseen_identity_questions(loaded):
-    answers = {q: ask(loaded("lora"), q) for q in HELD_OUT}
-    assert sum("Nova" in a for a in answers.values()) >= 3, answers
+@pytest.mark.parametrize("method", METHODS)
+def test_defaults_keep_general_answers_on_both_question_sets(measured, runs, method):
+    got = measured(method, "default")
+    assert share(got["meter"]) >= 0.9, got["meter"]
+    assert share(got["heldout"]) >= 0.9, got["heldout"]
+    if got["loaded"].checkpoint:  # the advisor's numbers for the checkpoint it chose are the meter's
+        row = {r["checkpoint"]: r for r in runs[method, "default"].status()["checkpoints"]}[got["loaded"].checkpoint]
+        assert (row["kept"], row["n"]) == (got["meter"]["kept"], got["meter"]["n"])
 
 
-def test_lora_keeps_general_knowledge(loaded):
-    answer = ask(loaded("lora"), "What is the capital of France?")
-    assert "Paris" in answer and "Nova" not in answer, answer
+@pytest.mark.parametrize("method", METHODS)
+def test_without_replay_the_same_run_forgets_more(measured, method):
+    """Final results compared (the advisor left aside): replay must keep at least 3 more of the
+    general answers the base knew, over both question sets."""
+    lost = {}
+    for kind in ("default", "no_replay"):
+        got = measured(method, kind, "result")
+        lost[kind] = sum(r["n"] - r["kept"] for r in (got["meter"], got["heldout"]))
+    assert lost["no_replay"] >= lost["default"] + 3, lost
 
 
-def test_greedy_answer_stops_before_the_token_limit(loaded):
-    run = loaded("lora")
-    answer = ask(run, "Who are you?", max_new_tokens=120)
-    assert len(run.tokenizer(answer)["input_ids"]) < 100, answer
-
-
-@pytest.mark.parametrize("method", ["qlora", "full"])
-def test_tuned_eval_loss_beats_base_without_forgetting_general_data(loaded, runs, method):
-    run = loaded(method)
-    result = evaluate(run, runs[method].path)
-    assert result["tuned"]["loss"] < result["base"]["loss"], result
-
-    # 50 general rows the run never saw (mixed rows are in its saved training split)
-    seen = {json.dumps(c, ensure_ascii=False) for c in data_mod.load_split(runs[method].data_dir)[0]}
-    general = [c for c in data_mod.normalise(data_mod.load_records(str(GENERAL)))
-               if json.dumps(c, ensure_ascii=False) not in seen][-50:]
-    spec = run.spec
-    losses = {}
-    for side in ("base", "tuned"):
-        model, context = run.model_for(side)
-        with context:
-            losses[side] = conversation_loss(model, run.tokenizer, general, spec.data.system_prompt,
-                                             spec.data.max_length)["loss"]
-    assert losses["tuned"] <= 1.1 * losses["base"], losses
-
-
-@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
-def test_each_run_reports_the_general_answers_it_kept(runs, method):
-    """The forgetting meter ran after training (measure_forgetting is on by default): the base knows
-    most shipped questions, and with general data mixed in the run keeps more than half of them (full
-    fine-tuning on identity_nova.json alone keeps 20 of 40: README, "Against forgetting")."""
-    from backend import forgetting
-
-    record = forgetting.read(runs[method].path)
-    assert record is not None, "no forgetting.json after training"
-    status = runs[method].status()
-    assert (status["forgetting_kept"], status["forgetting_n"]) == (record["kept"], record["n"])
-    assert record["total"] == 40 and record["n"] >= 30, record
-    assert record["kept"] > record["n"] / 2, record
-    assert len(record["changed"]) == record["n"] - record["kept"]
+def test_each_default_run_reports_what_it_kept_and_recommends_a_checkpoint(runs):
+    for method in METHODS:
+        status = runs[method, "default"].status()
+        record = forgetting.read(runs[method, "default"].path)
+        assert (status["forgetting_kept"], status["forgetting_n"]) == (record["kept"], record["n"])
+        assert record["total"] == 40 and record["n"] >= 30, record
+        assert status["replay"]["rows"] > 0 and status["recommended"] and status["recommended_reason"]
+        rows = [json.loads(line) for line in (runs[method, "default"].data_dir / "train.jsonl").read_text().splitlines()]
+        assert sum(r.get("mixed_from") == "replay" for r in rows) == status["replay"]["rows"]
 
 
 def greedy_alone(model, tokenizer, prompt, system, max_new_tokens=64) -> str:
@@ -127,11 +134,18 @@ def greedy_alone(model, tokenizer, prompt, system, max_new_tokens=64) -> str:
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
+def test_greedy_answer_stops_before_the_token_limit(measured):
+    run = measured("lora", "default")["loaded"]
+    answer = compare(run, "Who are you?", sides=("tuned",), max_new_tokens=120)["tuned"]
+    assert len(run.tokenizer(answer)["input_ids"]) < 100, answer
+
+
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_playground_sides_equal_each_model_loaded_alone(loaded, runs, method):
+def test_playground_sides_equal_each_model_loaded_alone(measured, runs, method):
     from backend import models
 
-    run, folder = loaded(method), runs[method]
+    run = measured(method, "no_replay", "result")["loaded"]
+    folder = runs[method, "no_replay"]
     system = run.spec.data.system_prompt
     both = compare(run, "Who are you?", max_new_tokens=64)
     base_alone, _ = models.load_base(models.resolve_model(None), "lora")
@@ -144,25 +158,26 @@ def test_playground_sides_equal_each_model_loaded_alone(loaded, runs, method):
         tuned_alone = PeftModel.from_pretrained(models.load_base(models.resolve_model(None), "lora")[0],
                                                 str(folder.adapter_dir))
     assert both["tuned"] == greedy_alone(tuned_alone.eval(), run.tokenizer, "Who are you?", system)
-    assert both["base"] != both["tuned"] and "Nova" in both["tuned"]
+    assert both["base"] != both["tuned"] and "Vega" in both["tuned"]
 
 
 def test_several_runs_on_one_prompt(runs):
     from backend.playground import ModelCache, compare_runs
 
-    answers = compare_runs([runs[m].path for m in ("lora", "qlora", "full")], "Who are you?",
-                           cache=ModelCache(size=1), max_new_tokens=48)
-    assert list(answers) == ["base", *(runs[m].path.name for m in ("lora", "qlora", "full"))]
-    assert "Nova" not in answers["base"] and all("Nova" in a for k, a in answers.items() if k != "base"), answers
+    paths = [runs[m, "default"].path for m in METHODS]
+    answers = compare_runs(paths, "Who are you?", cache=ModelCache(size=1), max_new_tokens=48)
+    assert list(answers) == ["base", *(p.name for p in paths)]
+    assert "Vega" not in answers["base"] and all("Vega" in a for k, a in answers.items() if k != "base"), answers
 
 
-def test_merged_lora_answers_like_the_adapter(loaded, runs, tmp_path):
+def test_merged_lora_answers_like_the_adapter(measured, runs, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from backend import export
 
-    run = loaded("lora")
-    merged_dir = export.merge(runs["lora"].path, tmp_path / "merged")
+    run = measured("lora", "default")["loaded"]  # export merges the recommended checkpoint, as loaded here
+    merged_dir = export.merge(runs["lora", "default"].path, tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
     for prompt in ("Who are you?", "What is the capital of France?"):
-        assert greedy_alone(merged, run.tokenizer, prompt, run.spec.data.system_prompt) == ask(run, prompt)
+        assert greedy_alone(merged, run.tokenizer, prompt, run.spec.data.system_prompt) == \
+            compare(run, prompt, sides=("tuned",), max_new_tokens=64)["tuned"]

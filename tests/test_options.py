@@ -69,9 +69,9 @@ def test_ewc_penalty_is_zero_at_the_base_and_holds_weights_back(tmp_path, tiny_m
     with pytest.raises(ConfigError, match="full fine-tuning only"):
         RunSpec.from_flat({"method": "lora", "ewc_lambda": 1.0, "mix_data": general})
     with pytest.raises(ConfigError, match="needs mix_data"):
-        RunSpec.from_flat({"method": "full", "ewc_lambda": 1.0})
+        RunSpec.from_flat({"method": "full", "ewc_lambda": 1.0, "mix_data": "none"})
 
-    common = dict(method="full", mix_data=general, mix_ratio=0.1, learning_rate=1e-2, max_steps=6,
+    common = dict(method="full", mix_data=general, mix_ratio=0.1, mix_kl=0, learning_rate=1e-2, max_steps=6,
                   gradient_accumulation_steps=1)
     held_spec = tiny_spec(tiny_model_dir, tiny_data, ewc_lambda=1e6, ewc_samples=8, **common)
     base = models.load_base(str(tiny_model_dir), "full")[0]

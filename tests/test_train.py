@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import torch
-from conftest import tiny_spec
+from conftest import cli, tiny_spec
 from safetensors.torch import load_file
 
 from backend import template
@@ -18,15 +18,6 @@ from backend.config import RunSpec
 from backend.runs import RunFolder
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cli(*args, check=True, **kw):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "backend", *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, **kw)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}: {proc.stderr[-2000:]}")
-    return proc
 
 
 def loss_records(run):

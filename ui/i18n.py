@@ -12,7 +12,8 @@ LABELS = {
     "runs": ("Runs", "任务"),
     "playground": ("Playground", "对比试玩"),
     "export": ("Export", "导出"),
-    "checkpoint": ("Checkpoint (empty: final)", "检查点（留空：最终结果）"),
+    "checkpoint": ("Checkpoint (empty: the recommended one, else the final result; result: the final result)",
+                   "检查点（留空：推荐的检查点，否则为最终结果；result：最终结果）"),
     "sampling": ("System prompt and sampling", "系统提示词与采样"),
     "blind": ("Blind A/B: hide which side is which, then vote", "盲测 A/B：隐藏模型身份后投票"),
     "clear": ("Clear", "清空"),
@@ -68,7 +69,8 @@ LABELS = {
     "max_new": ("Max new tokens", "最大生成长度"),
     "temperature": ("Temperature (0 = greedy)", "温度（0 = 贪心）"),
     "seed": ("Seed", "随机种子"),
-    "mix_data": ("General data to mix in against forgetting (path, optional)", "混入通用数据以防遗忘（路径，可选）"),
+    "mix_data": ("General data mixed in against forgetting: replay (the base model's own answers, the default), "
+                 "none, or a file path", "混入通用数据以防遗忘：replay（基座模型自己的回答，默认）、none 或文件路径"),
 }
 
 i18n = gr.I18n(en={k: v[0] for k, v in LABELS.items()}, zh={k: v[1] for k, v in LABELS.items()})

@@ -96,7 +96,7 @@ class Handlers:
             names = playground.list_checkpoints(run_dir_of(self.queue, run_value, request)) if run_value else []
         except gr.Error:
             names = []
-        return gr.Dropdown(choices=[""] + names, value="")
+        return gr.Dropdown(choices=[""] + names + ["result"], value="")
 
     def do_send(self, request: gr.Request, run_value, ckpt, text, is_blind, chat_l, chat_r, *values):
         if not text or not text.strip():
@@ -174,7 +174,9 @@ class Handlers:
     def do_forgetting(self, run_value, ckpt, request: gr.Request, progress=gr.Progress()):
         loaded = _loaded(self.queue, run_value, ckpt, request)
         progress(0, desc=f"asking {len(forgetting.load_questions())} general questions, base and tuned")
-        return forgetting_view(forgetting.meter(loaded, run_dir_of(self.queue, run_value, request)))
+        # only the final result's numbers are the run's own record (forgetting.json)
+        return forgetting_view(forgetting.meter(loaded, None if loaded.checkpoint else
+                                                run_dir_of(self.queue, run_value, request)))
 
     def stored_forgetting(self, run_value, request: gr.Request):
         try:

@@ -38,6 +38,14 @@ def detail_markdown(view: dict) -> str:
         text += "\n\nForgetting: asking the general questions of base and tuned model..."
     elif view.get("forgetting_state") == "stopped":
         text += "\n\nForgetting: the process ended before the meter finished; Measure forgetting in the Playground asks again."
+    if view.get("replay"):
+        r = view["replay"]
+        text += (f"\n\nReplay: {r['rows']} rows of the base model's own answers mixed in"
+                 + (f" ({r['answered']} prompts answered once in {r['seconds']:.0f}s, cached for later runs)"
+                    if r.get("answered") else " (from the cache)"))
+    if view.get("checkpoints"):
+        text += f"\n\nCheckpoints (the recommended one is used by Playground, Export and the CLI):\n\n{view['checkpoints']}"
+        text += f"\n\n{view['recommended_reason']}"
     for notice in view["notices"]:
         text += f"\n\n> {notice}"
     if view["error"]:

@@ -76,6 +76,8 @@ def widget(setting: Setting, value: Any) -> gr.components.Component:
         return gr.Radio([(METHOD_LABELS[m], m) for m in choices(setting)], value=value, label=label, info=info)
     if choices(setting):
         return gr.Dropdown(list(choices(setting)), value=value, label=label, info=info)
+    if setting.suggest:  # offered values, or any other text (e.g. mix_data: replay, none or a file)
+        return gr.Dropdown(list(setting.suggest), value=value, allow_custom_value=True, label=label, info=info)
     kinds = _plain(setting)
     if bool in kinds:
         return gr.Checkbox(value=value, label=label, info=info)
