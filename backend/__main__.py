@@ -239,7 +239,14 @@ def cmd_bench(a) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m backend", description="Fine-tuning studio, headless.")
     sub = p.add_subparsers(dest="command", required=True)
+    _data_and_training(sub)
+    _runs(sub)
+    _tools(sub)
+    return p
 
+
+def _data_and_training(sub) -> None:
+    """setup, prepare, train."""
     s = sub.add_parser("setup", help="install the embedded model (converts it once)")
     s.set_defaults(func=cmd_setup)
 
@@ -264,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true")
     s.set_defaults(func=cmd_train)
 
+def _runs(sub) -> None:
+    """What is done with a run: generate, eval, export, forgetting."""
     s = sub.add_parser("generate", help="answer a prompt with the base and/or tuned model")
     s.add_argument("--run", required=True)
     s.add_argument("--prompt", required=True)
@@ -311,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_forgetting)
 
+def _tools(sub) -> None:
+    """augment, bench."""
     s = sub.add_parser("augment", help="paraphrase each prompt K times with an instruct model (preview, or --out FILE)",
                        description="Without --out: a preview of the first --limit prompts of the training split "
                                    "(as a run with augment_k=K and the same seed makes them), kept and dropped with "
@@ -352,7 +363,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=1800, help="seconds per variant")
     s.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant from a job file
     s.set_defaults(func=cmd_bench)
-    return p
 
 
 def main(argv=None) -> int:

@@ -715,28 +715,16 @@ def reference_batch(tokenizer, rows: list[list[int]]) -> dict:
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
 
 
-def _reference(job: dict, t0: float) -> dict:
-    import torch
+def _reference_model(spec, path: str, random_model: bool):
+    """The reference's model as a tutorial builds it: (model, precision, its StepCounter)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from torch.utils.data import DataLoader
-    from transformers import AutoModelForCausalLM, get_scheduler, set_seed
+    from transformers import AutoModelForCausalLM
 
-    from . import data as data_mod
-    from . import models, template
-    from .config import RunSpec
+    from . import models
 
-    spec = RunSpec.from_dict(job["spec"])
-    t, d, lo = spec.train, spec.data, spec.lora
-    path = models.resolve_model(spec.model.model)
-    tokenizer = template.setup_chat_template(models.load_tokenizer(path), spec.model.chat_template)
-    prepared = data_mod.prepare(d.data, fmt=d.format, mapping=d.mapping or None, max_length=d.max_length,
-                                system_prompt=d.system_prompt, val_size=0, seed=t.seed)
-    rows = [e["input_ids"] for e in data_mod.encode_all(tokenizer, prepared.train, d.system_prompt, d.max_length)]
-
-    set_seed(t.seed)
-    method = spec.model.method
+    t, lo, method = spec.train, spec.lora, spec.model.method
     prec = models.precision_for(method)
-    if job["random_model"]:
+    if random_model:
         model, prec = load_random(path, method)
     elif method == "qlora":
         model, prec = models.load_base(path, method)
@@ -754,6 +742,28 @@ def _reference(job: dict, t0: float) -> dict:
             r=lo.r, lora_alpha=lo.lora_alpha, lora_dropout=lo.lora_dropout, target_modules=lo.target_modules,
             bias=lo.bias, use_dora=lo.use_dora, use_rslora=lo.use_rslora, task_type="CAUSAL_LM"))
     model.train()
+    return model, prec, counter
+
+
+def _reference(job: dict, t0: float) -> dict:
+    import torch
+    from torch.utils.data import DataLoader
+    from transformers import get_scheduler, set_seed
+
+    from . import data as data_mod
+    from . import models, template
+    from .config import RunSpec
+
+    spec = RunSpec.from_dict(job["spec"])
+    t, d = spec.train, spec.data
+    path = models.resolve_model(spec.model.model)
+    tokenizer = template.setup_chat_template(models.load_tokenizer(path), spec.model.chat_template)
+    prepared = data_mod.prepare(d.data, fmt=d.format, mapping=d.mapping or None, max_length=d.max_length,
+                                system_prompt=d.system_prompt, val_size=0, seed=t.seed)
+    rows = [e["input_ids"] for e in data_mod.encode_all(tokenizer, prepared.train, d.system_prompt, d.max_length)]
+
+    set_seed(t.seed)
+    model, prec, counter = _reference_model(spec, path, job["random_model"])
 
     loader = DataLoader(rows, batch_size=t.per_device_train_batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(t.seed),

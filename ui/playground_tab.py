@@ -185,11 +185,8 @@ class Handlers:
             return forgetting_view(None)
 
 
-def create_playground_tab(queue):
-    with gr.Row():
-        run = gr.Dropdown([], label=t("run"), allow_custom_value=True, scale=3)
-        checkpoint = gr.Dropdown([""], value="", label=t("checkpoint"), allow_custom_value=True, scale=1)
-        refresh_btn = gr.Button(t("refresh"), scale=0)
+def _sampling_widgets() -> list:
+    """The system prompt and sampling settings both sides share, in ``_settings``'s order."""
     with gr.Accordion(t("sampling"), open=False):
         system = gr.Textbox("", label=t("system_prompt"), placeholder="(the run's system prompt)")
         with gr.Row():
@@ -199,7 +196,16 @@ def create_playground_tab(queue):
             top_k = gr.Slider(0, 200, 50, step=1, label="top_k")
             repetition_penalty = gr.Slider(1.0, 2.0, 1.0, step=0.05, label="repetition_penalty")
             seed = gr.Number(0, precision=0, label=t("seed"))
-    settings = [system, max_new, temperature, top_p, top_k, repetition_penalty, seed]
+    return [system, max_new, temperature, top_p, top_k, repetition_penalty, seed]
+
+
+def create_playground_tab(queue):
+    with gr.Row():
+        run = gr.Dropdown([], label=t("run"), allow_custom_value=True, scale=3)
+        checkpoint = gr.Dropdown([""], value="", label=t("checkpoint"), allow_custom_value=True, scale=1)
+        refresh_btn = gr.Button(t("refresh"), scale=0)
+    settings = _sampling_widgets()
+    system = settings[0]
     blind = gr.Checkbox(False, label=t("blind"))
     with gr.Row():
         left = _chatbot(t("base"))
