@@ -186,7 +186,9 @@ def run_bench(*, methods=METHODS, data: str | None = None, model: str | None = N
                     _note(result, echo, f"{plan['name']} qlora skipped: bitsandbytes is not installed "
                                         f"(or has no {device} backend)")
                     continue
-                values = dict(plan["overrides"], **(overrides or {}), model=plan["model"], data=plan["data"],
+                # the reference loop trains the data alone: no general rows mixed in, no meter or advisor after
+                values = dict(dict(mix_data="none", measure_forgetting=False, advise_checkpoints=False),
+                              **plan["overrides"], **(overrides or {}), model=plan["model"], data=plan["data"],
                               method=method, val_size=0, gradient_accumulation_steps=1)
                 if not identity:
                     values["max_steps"] = steps
@@ -682,11 +684,7 @@ def _ours(job: dict, t0: float) -> dict:
         counter.attach(model)
         return model, prec
 
-    models.load_base = load_and_count  # train() loads through models.load_base
-    try:
-        run = train_mod.train(spec, job["run_dir"])
-    finally:
-        models.load_base = load
+    run = train_mod.train(spec, job["run_dir"], load_base=load_and_count)
     logged = [m for m in run.metrics() if "loss" in m]
     out = {"steps": counter.steps, "losses": [m["loss"] for m in logged], "timed_s": 0.0}
     if len(logged) >= 2:

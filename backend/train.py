@@ -58,8 +58,9 @@ from .runs import COMPLETE_MARK, RunFolder
 log = logging.getLogger(__name__)
 
 
-def train(spec: RunSpec, run_dir: str | Path, resume: bool = False) -> RunFolder:
-    """Train ``spec`` into ``run_dir``; returns the finished run folder."""
+def train(spec: RunSpec, run_dir: str | Path, resume: bool = False, load_base=None) -> RunFolder:
+    """Train ``spec`` into ``run_dir``; returns the finished run folder. ``load_base``: how the base
+    model is loaded (default ``models.load_base``; the bench passes one that counts tokens)."""
     run = RunFolder(run_dir) if _is_main_process() else _Replica(run_dir)
     checkpoint = _start(run, spec, resume)
     _handle_sigterm()
@@ -70,7 +71,7 @@ def train(spec: RunSpec, run_dir: str | Path, resume: bool = False) -> RunFolder
         )
         train_ds, val_ds, summary = _setup_data(run, spec, tokenizer, reuse=checkpoint is not None)
         set_seed(spec.train.seed)  # LoRA's initial weights come from this generator
-        model, precision = _setup_model(spec, total_steps=_total_steps(spec, len(train_ds)))
+        model, precision = _setup_model(spec, _total_steps(spec, len(train_ds)), load_base or models.load_base)
         spec, optim_notice = _optimizer_for_device(spec, precision.device)
         notices = summary.get("notes", []) + [n for n in (precision.notice, optim_notice) if n]
         for n in notices:
@@ -249,8 +250,8 @@ def _total_steps(spec: RunSpec, n_rows: int) -> int:
     return max(math.ceil(per_epoch * t.num_train_epochs), 1)
 
 
-def _setup_model(spec: RunSpec, total_steps: int = 1):
-    model, precision = models.load_base(
+def _setup_model(spec: RunSpec, total_steps: int = 1, load_base=None):
+    model, precision = (load_base or models.load_base)(
         models.resolve_model(spec.model.model), spec.model.method, spec.model.trust_remote_code
     )
     use_packed_attention(model)  # packed rows: attention per example, not over a block-diagonal mask
