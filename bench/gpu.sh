@@ -21,4 +21,5 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 # 470 s for the whole run (timeout kills the process group), 240 s for any one variant.
 exec timeout 470 "$PYTHON" -m backend bench --gpu-configs --device cuda \
     --configs "${CONFIGS:-llama-1b,llama-8b}" --methods "${METHODS:-qlora,lora,full}" \
-    --steps "${STEPS:-6}" --batch "${BATCH:-4}" --seq-len "${SEQ_LEN:-2048}" --timeout 240 --json "$OUT"
+    --steps "${STEPS:-6}" --batch "${BATCH:-4}" --seq-len "${SEQ_LEN:-2048}" --timeout 240 --json "$OUT" \
+    --rounds "${ROUNDS:-1}"  # a GPU lent whole has no neighbour's load to alternate against; 3 rounds would not fit

@@ -92,7 +92,7 @@ def test_matmul_peak_is_whole_flops_as_rows_store_it():
 def test_gpu_config_mode_builds_random_models_on_synthetic_rows():
     method = "qlora" if bench.bnb_available("cpu") else "lora"  # qlora: the hand-quantised NF4 layers
     result = bench.run_bench(methods=method, gpu_configs=True, configs="tiny", steps=2, batch=2, seq_len=48,
-                             device="cpu", echo=lambda line: None)
+                             device="cpu", echo=lambda line: None, rounds=1)
     assert result["mode"] == "configs" and result["seq_len"] == 48
     assert [(r["method"], r["variant"]) for r in result["rows"]] == [(method, "reference"), (method, "ours")]
     for r in result["rows"]:
