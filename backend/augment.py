@@ -143,15 +143,13 @@ def sampler(model, tokenizer, k: int = 3, seed: int = 0, temperature: float = 0.
     """A generator for ``paraphrase_prompts``: one batched, left-padded ``generate`` per call, ``k``
     samples per prompt; ``max_new_tokens`` defaults to twice the longest prompt + 16 (at most 128)."""
     stop = set(template.end_of_turn_ids(tokenizer))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     calls = [0]
 
     def generate(prompts: list[str]) -> list[list[str]]:
         ids = [template.prompt_ids(tokenizer, instruction_messages(p)) for p in prompts]
-        width = max(len(x) for x in ids)
         longest = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
-        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=model.device)
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=model.device)
+        input_ids, mask, pad = template.left_pad(tokenizer, ids, model.device)
+        width = input_ids.shape[1]
         torch.manual_seed(seed + calls[0])  # each chunk its own seed: reproducible chunk by chunk
         calls[0] += 1
         with torch.no_grad():

@@ -282,11 +282,11 @@ def _ratio(a, b):
 
 
 def write_json(result: dict, path) -> None:
+    from .runs import write_atomic
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1, ensure_ascii=False), encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(result, indent=1, ensure_ascii=False))
 
 
 def _model_plan(model: str | None, data: str | None, work: Path, notes: list) -> dict:
@@ -551,6 +551,8 @@ def table_row(r: dict) -> str:
 # -- one variant (child process) ----------------------------------------------------------------------
 def run_job(job_file: str) -> int:
     """The child side of ``_spawn``: run one variant and write its raw numbers to ``job['result']``."""
+    from .memory import peak_memory_mb
+
     job = json.loads(Path(job_file).read_text(encoding="utf-8"))
     t0 = time.perf_counter()
     raw = (_ours if job["variant"] == "ours" else _reference)(job, t0)
@@ -558,16 +560,6 @@ def run_job(job_file: str) -> int:
     raw["matmul_peak_flops"] = matmul_peak(job["device"])[0]  # after the peak memory is read
     Path(job["result"]).write_text(json.dumps(raw), encoding="utf-8")
     return 0
-
-
-def peak_memory_mb(device: str) -> float:
-    import resource
-
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 class StepCounter:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import re
 import threading
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 from . import models, playground, template
 from .config import RunSpec
 from .paths import studio_home
+from .runs import write_atomic
 
 QUESTIONS = Path(__file__).with_name("general_questions.json")
 MAX_NEW_TOKENS = 32
@@ -108,9 +108,7 @@ def _write_cache_entry(key: str, entry: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     cache = _read_cache()  # re-read: another process may have added its own entry meanwhile
     cache[key] = entry
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(cache, ensure_ascii=False, indent=1), encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(cache, ensure_ascii=False, indent=1))
 
 
 def _answers(loaded: playground.LoadedRun, side: str, prompts: list[str], system_prompt: str | None,
@@ -195,9 +193,7 @@ def meter(loaded: playground.LoadedRun, run_dir=None, questions=None, batch_size
     result["checkpoint"] = loaded.checkpoint
     if run_dir is not None:
         path = Path(run_dir) / REPORT
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({**result, "time": time.time()}, ensure_ascii=False, indent=1), encoding="utf-8")
-        tmp.replace(path)
+        write_atomic(path, json.dumps({**result, "time": time.time()}, ensure_ascii=False, indent=1))
     return result
 
 

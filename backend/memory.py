@@ -477,3 +477,15 @@ def free_disk(path: str | Path) -> int:
     while not path.exists() and path != path.parent:
         path = path.parent
     return shutil.disk_usage(path).free
+
+
+def peak_memory_mb(device: str | None = None) -> float:
+    """This process's peak so far, MiB: CUDA's allocated peak, or on CPU the peak RSS (model load
+    included; it never goes down within a process). ``device`` None: CUDA when available."""
+    import resource
+
+    import torch
+
+    if device == "cuda" or (device is None and torch.cuda.is_available()):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

@@ -39,7 +39,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from . import models, template
 from .config import RunSpec
-from .runs import COMPLETE_MARK, RunFolder
+from .runs import RunFolder
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
 VOTES = ("A", "B", "tie", "both_bad")
@@ -74,9 +74,7 @@ class LoadedRun:
 
 def list_checkpoints(run_dir) -> list[str]:
     """The run's complete checkpoints, oldest first (names like ``checkpoint-20``)."""
-    folder = RunFolder(run_dir).checkpoints_dir
-    found = [p for p in folder.glob("checkpoint-*") if (p / COMPLETE_MARK).exists()] if folder.exists() else []
-    return [p.name for p in sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[-1]))]
+    return [p.name for p in RunFolder(run_dir).checkpoints()]
 
 
 def resolve_checkpoint(run_dir, checkpoint: str | None) -> str | None:
@@ -197,11 +195,7 @@ def _sampling(temperature: float, top_p: float, top_k: int) -> dict:
 def _generate_group(loaded: LoadedRun, model, prompts: list[list[int]], adapter_names, streamer,
                     max_new_tokens, repetition_penalty, seed, sampling) -> None:
     """One batched, left-padded ``generate`` of ``prompts`` on ``model``; results go to ``streamer``."""
-    tok = loaded.tokenizer
-    width = max(len(p) for p in prompts)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+    ids, mask, pad = template.left_pad(loaded.tokenizer, prompts, model.device)
     extra = {"adapter_names": adapter_names} if adapter_names else {}
     with torch.no_grad():
         torch.manual_seed(seed)

@@ -23,7 +23,9 @@ STATES = ("queued", "running", "completed", "failed", "cancelled", "interrupted"
 COMPLETE_MARK = "COMPLETE"
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it: readers see the old file or
+    the new one, never half of it (a kill mid-write, another thread writing at once)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
@@ -74,7 +76,7 @@ class RunFolder:
         status.update(fields)
         status["updated_at"] = time.time()
         self.path.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.status_path, json.dumps(status, ensure_ascii=False, indent=1))
+        write_atomic(self.status_path, json.dumps(status, ensure_ascii=False, indent=1))
         return status
 
     # metrics
@@ -96,7 +98,7 @@ class RunFolder:
     def truncate_metrics(self, after_step: int) -> None:
         """Drop records past ``after_step``: on resume those steps are trained again."""
         kept = [m for m in self.metrics() if m.get("step", 0) <= after_step]
-        _write_atomic(self.metrics_path, "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in kept))
+        write_atomic(self.metrics_path, "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in kept))
 
     # checkpoints
     def checkpoints(self) -> list[Path]:
@@ -133,3 +135,10 @@ def overfitting_signal(metrics: list[dict], rises: int = 2) -> str | None:
     return (f"overfitting: eval loss rose from {window[0][1]:.3f} to {window[-1][1]:.3f} since step {start} "
             f"while train loss fell; try early_stopping_patience, fewer epochs, more data or augmentation")
 
+
+def format_duration(seconds) -> str:
+    """``75`` -> ``1m15s``, ``4000`` -> ``1h06m``; None -> ``–``."""
+    if seconds is None:
+        return "–"
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"

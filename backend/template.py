@@ -135,3 +135,15 @@ def mark_loss(tokenizer, input_ids: list[int], labels: list[int],
         text = tokenizer.decode(span)
         out.append(f"{open_mark}{text}{close_mark}" if inside else text)
     return "".join(out)
+
+
+def left_pad(tokenizer, rows: list[list[int]], device=None) -> tuple:
+    """Token rows as one batch for ``generate``: padded on the left (each row's last token is where
+    generation goes on), with the attention mask. Returns (input_ids, attention_mask, pad id)."""
+    import torch
+
+    pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask, pad

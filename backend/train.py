@@ -40,7 +40,6 @@ import logging
 import math
 import os
 import random
-import resource
 import shutil
 import signal
 import time
@@ -50,10 +49,10 @@ import torch
 from transformers import DataCollatorWithFlattening, Trainer, TrainerCallback, set_seed
 
 from . import data as data_mod
-from . import models, template
+from . import memory, models, template
 from .attention import use_packed_attention
 from .config import RunSpec
-from .runs import COMPLETE_MARK, RunFolder
+from .runs import COMPLETE_MARK, RunFolder, format_duration
 
 log = logging.getLogger(__name__)
 
@@ -477,17 +476,6 @@ class AdaLoraCallback(TrainerCallback):
         model.base_model.update_and_allocate(state.global_step)
 
 
-def peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def _fmt_time(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 class RunCallback(TrainerCallback):
     """Keeps the run folder current: metrics.jsonl, status.json, complete checkpoints."""
 
@@ -522,7 +510,7 @@ class RunCallback(TrainerCallback):
         else:
             return
         record.update(elapsed_s=round(elapsed, 2), eta_s=round(eta, 1),
-                      memory_mb=round(peak_memory_mb(), 1))
+                      memory_mb=round(memory.peak_memory_mb(), 1))
         self.run.append_metrics(record)
         average = (state.num_input_tokens_seen - self.tokens0) / max(now - self.t0, 1e-9)
         latest = {"tokens_per_second": record.get("tokens_per_second"), "last_loss": record.get("loss"),
@@ -545,8 +533,8 @@ def _progress_line(r: dict, total: int) -> str:
     if "eval_loss" in r:
         return f"step {r['step']}/{total} ({pct:.0f}%)  eval_loss {r['eval_loss']:.4f}"
     return (f"step {r['step']}/{total} ({pct:.0f}%)  loss {r['loss']:.4f}  lr {r['learning_rate']:.2e}  "
-            f"{r['tokens_per_second']:.0f} tok/s  elapsed {_fmt_time(r['elapsed_s'])}  "
-            f"eta {_fmt_time(r['eta_s'])}  mem {r['memory_mb']:.0f} MB")
+            f"{r['tokens_per_second']:.0f} tok/s  elapsed {format_duration(r['elapsed_s'])}  "
+            f"eta {format_duration(r['eta_s'])}  mem {r['memory_mb']:.0f} MB")
 
 
 # -- 5. result ----------------------------------------------------------------------------------

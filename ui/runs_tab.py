@@ -4,6 +4,7 @@ import gradio as gr
 import pandas as pd
 
 from backend import access, service
+from backend.runs import format_duration
 
 from .common import error, job_of
 from .i18n import t
@@ -11,16 +12,9 @@ from .i18n import t
 COLUMNS = ["run_id", "state", "owner", "progress", "created"]
 
 
-def _fmt_s(seconds) -> str:
-    if seconds is None:
-        return "–"
-    seconds = int(seconds)
-    return f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 def detail_markdown(view: dict) -> str:
     parts = [f"**{view['state']}** · step {view['step']}/{view['total_steps']} "
-             f"({100 * view['progress']:.0f}%) · elapsed {_fmt_s(view['elapsed_s'])} · ETA {_fmt_s(view['eta_s'])}"]
+             f"({100 * view['progress']:.0f}%) · elapsed {format_duration(view['elapsed_s'])} · ETA {format_duration(view['eta_s'])}"]
     if view["tokens_per_second"]:
         parts.append(f"{view['tokens_per_second']:.0f} tokens/s")
     if view["peak_memory_mb"]:
