@@ -120,3 +120,27 @@ def cli(*args, check=True, **kw):
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}: {proc.stderr[-2000:]}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def _tiny_lora_trained(tmp_path_factory, tiny_model_dir, tiny_data):
+    from backend import train as train_mod
+
+    spec = tiny_spec(tiny_model_dir, tiny_data, num_train_epochs=2)
+    return train_mod.train(spec, tmp_path_factory.mktemp("tiny-lora") / "run").path
+
+
+@pytest.fixture(scope="module")
+def lora_run(_tiny_lora_trained, tmp_path_factory):
+    """A finished LoRA run of the tiny model: trained once per session, a fresh copy of its folder per
+    test module (modules write votes and forgetting records into it)."""
+    import shutil
+
+    return Path(shutil.copytree(_tiny_lora_trained, tmp_path_factory.mktemp("lora-run") / "run"))
+
+
+@pytest.fixture(scope="module")
+def loaded(lora_run):
+    from backend import playground
+
+    return playground.load_run(lora_run)

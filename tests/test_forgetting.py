@@ -21,17 +21,6 @@ def home(tmp_path, monkeypatch):
     return tmp_path / "home"
 
 
-@pytest.fixture(scope="module")
-def lora_run(tmp_path_factory, tiny_model_dir, tiny_data):
-    spec = tiny_spec(tiny_model_dir, tiny_data, num_train_epochs=2)
-    return train_mod.train(spec, tmp_path_factory.mktemp("forget") / "run").path
-
-
-@pytest.fixture(scope="module")
-def loaded(lora_run):
-    return playground.load_run(lora_run)
-
-
 def test_is_correct_matches_whole_words_case_insensitively():
     assert forgetting.is_correct("The capital of France is PARIS.", ["Paris"])
     assert forgetting.is_correct("2 + 2 = 4", ["4"])

@@ -5,21 +5,9 @@ import json
 import random
 
 import pytest
-from conftest import alone, tiny_spec
+from conftest import alone
 
 from backend import models, playground
-from backend import train as train_mod
-
-
-@pytest.fixture(scope="module")
-def lora_run(tmp_path_factory, tiny_model_dir, tiny_data):
-    spec = tiny_spec(tiny_model_dir, tiny_data, num_train_epochs=2)
-    return train_mod.train(spec, tmp_path_factory.mktemp("play") / "run").path
-
-
-@pytest.fixture(scope="module")
-def loaded(lora_run):
-    return playground.load_run(lora_run)
 
 
 def test_each_side_equals_its_model_loaded_alone(loaded, lora_run, tiny_model_dir):
