@@ -25,7 +25,7 @@ def test_two_gloo_processes_match_one_process_step_by_step(queue, tiny_model_dir
         return build_spec({"model": str(tiny_model_dir), "data": str(tiny_data), "method": "lora", "max_steps": 4,
                            "save_steps": 100, "target_modules": "all-linear", "lora_dropout": 0.0, "optim": "sgd",
                            "learning_rate": 0.5, "max_grad_norm": 0, "warmup_steps": 0, "val_size": 0, "seed": 3,
-                           "per_device_train_batch_size": batch})
+                           "per_device_train_batch_size": batch, "mix_data": "none"})  # a random model's replay is noise
 
     # The run asks for 2 processes; until backend/config.py has `num_processes`, through launch_settings.
     monkeypatch.setattr(jobs, "launch_settings", lambda s: (4 // s.train.per_device_train_batch_size, "ddp"))
