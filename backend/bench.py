@@ -175,8 +175,9 @@ def run_bench(*, methods=METHODS, data: str | None = None, model: str | None = N
                     _note(result, echo, f"{plan['name']} qlora skipped: bitsandbytes is not installed "
                                         f"(or has no {device} backend)")
                     continue
-                values = dict(plan["overrides"], **(overrides or {}), model=plan["model"], data=plan["data"],
-                              method=method, val_size=0, gradient_accumulation_steps=1)
+                # the reference loop trains on the data alone: so does ours, unless --set asks for mixing
+                values = dict({"mix_data": "none"}, **plan["overrides"], **(overrides or {}), model=plan["model"],
+                              data=plan["data"], method=method, val_size=0, gradient_accumulation_steps=1)
                 if not identity:
                     values["max_steps"] = steps
                 if batch:
