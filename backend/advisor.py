@@ -66,7 +66,8 @@ def recommend(rows: list[dict]) -> tuple[str | None, str]:
         return r["kept"] / r["n"] if r["n"] else 1.0
 
     best = max(r["learned"] for r in rows)
-    learned = [r for r in rows if r["learned"] >= LEARNED * best]  # an early checkpoint that keeps all but learned nothing is no choice
+    # an early checkpoint that keeps everything but learned nothing is no choice
+    learned = [r for r in rows if r["learned"] >= LEARNED * best]
     good = [r for r in learned if kept_share(r) >= KEEP]
     if good:
         top = max(r["learned"] for r in good)

@@ -186,7 +186,7 @@ def run_bench(*, methods=METHODS, data: str | None = None, model: str | None = N
                     _note(result, echo, f"{plan['name']} qlora skipped: bitsandbytes is not installed "
                                         f"(or has no {device} backend)")
                     continue
-                # the reference loop trains the data alone: no general rows mixed in, no meter or advisor after
+                # the reference loop trains the data alone: so does ours (no mixing, meter or advisor) unless --set asks
                 values = dict(dict(mix_data="none", measure_forgetting=False, advise_checkpoints=False),
                               **plan["overrides"], **(overrides or {}), model=plan["model"], data=plan["data"],
                               method=method, val_size=0, gradient_accumulation_steps=1)

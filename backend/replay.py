@@ -55,11 +55,13 @@ def rows(spec, n: int, tokenizer) -> tuple[list[dict], dict]:
         if len(out) >= n:
             break
         chunk = prompts[start:start + CHUNK]
+        before = len(misses)
         answers = forgetting.cached_base_answers(model_path, chunk, system, m.chat_template, m.method,
                                                  m.trust_remote_code, loaded=base, max_new_tokens=MAX_NEW_TOKENS)
+        answered += len(chunk) if len(misses) > before else 0
         for prompt, answer in zip(chunk, answers):
             if answer.strip():
                 cut = len(tokenizer(answer, add_special_tokens=False)["input_ids"]) >= MAX_NEW_TOKENS - 1
                 out.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
                             "mixed_from": NAME, **({"cut": True} if cut else {})})
-    return out[:n], {"rows": min(len(out), n), "answered": CHUNK * len(misses), "seconds": round(time.time() - t0, 1)}
+    return out[:n], {"rows": min(len(out), n), "answered": answered, "seconds": round(time.time() - t0, 1)}

@@ -43,7 +43,6 @@ VARIANTS = {  # name -> overrides on the embedded preset of the method
 
 def measure(run_dir: Path, name: str, paraphrases: list[str]) -> dict:
     from backend import forgetting, playground
-
     from backend.runs import RunFolder
 
     loaded = playground.load_run(run_dir)  # what the user gets: the recommended checkpoint, else the result
@@ -75,7 +74,8 @@ def run_variant(name: str, overrides: dict, out: Path, data: Path, persona: str,
 
 def row(r: dict) -> str:
     km, kh = r["kept_meter"], r["kept_heldout"]
-    return (f"| {r['variant']} | {r.get('checkpoint', 'result')} | {r['train_rows']} | {r['steps']} | {r['learned']}/{r.get('asked', 5)} | {km[0]} of {km[1]} "
+    return (f"| {r['variant']} | {r.get('checkpoint', 'result')} | {r['train_rows']} | {r['steps']} | "
+            f"{r['learned']}/{r.get('asked', 5)} | {km[0]} of {km[1]} "
             f"({100 * km[0] / max(km[1], 1):.0f} %) | {kh[0]} of {kh[1]} ({100 * kh[0] / max(kh[1], 1):.0f} %) | "
             f"{r['minutes']:.1f} | {r['one_time_minutes']:.1f} |")
 
