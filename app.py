@@ -136,7 +136,7 @@ def _sweep_uploads(queue: Queue, every_s: float = 3600) -> None:
     while True:
         try:
             service.sweep_uploads(queue)
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - a failed sweep must not end the thread for good
             print(f"upload sweep failed: {exc}", flush=True)
         time.sleep(every_s)
 

@@ -107,8 +107,9 @@ def _server_path(key: str, value: str) -> str | None:
 
 
 def confine_paths(values: dict, caller: Caller) -> None:
-    """Refuse a web user's settings that name server files outside what they may read: their own
-    uploads, the shipped sets, ``STUDIO_ALLOWED_PATHS``. ``values``: flat keys as in ``--set``."""
+    """Refuse a web user's settings that name server files outside what they may read (their own
+    uploads, the shipped sets, ``STUDIO_ALLOWED_PATHS``), or that run code on the server
+    (``trust_remote_code``, the admin's alone). ``values``: flat keys as in ``--set``."""
     from .models import EMBEDDED_ALIASES
 
     roots = allowed_roots(caller)
@@ -130,6 +131,8 @@ def confine_paths(values: dict, caller: Caller) -> None:
     if refused:
         raise AccessError(f"{', '.join(refused)}: only files you uploaded, the shipped sets, or paths the admin "
                           "allows (STUDIO_ALLOWED_PATHS) may be used from the web app")
+    if values.get("trust_remote_code") and not caller.admin:  # a model repository's Python runs on the server
+        raise AccessError("trust_remote_code: only the admin may run a model repository's own code on this server")
 
 
 # -- the server's Hub token ---------------------------------------------------------------------
@@ -142,6 +145,15 @@ def hub_ids(values: dict) -> list[str]:
             out.append(value.strip().removeprefix("hub:").partition(":")[0] if key in ("data", "mix_data")
                        else value.strip())
     return out
+
+
+def server_token() -> bool:
+    """Does this server hold a Hub token (``HF_TOKEN``, ``HUGGING_FACE_HUB_TOKEN`` or a login's file)?"""
+    if os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN"):
+        return True
+    from huggingface_hub import get_token
+
+    return bool(get_token())
 
 
 def token_allowed(values: dict, caller: Caller) -> bool:

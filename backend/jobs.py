@@ -393,8 +393,9 @@ class Queue:
 
     # -- what users do
     def submit(self, spec: RunSpec, owner: str = "", name: str | None = None,
-               auto_resume: bool = False) -> Job:
-        """Write the run folder (``config.yaml``, ``status.json`` queued) and queue it."""
+               auto_resume: bool = False, status: dict | None = None) -> Job:
+        """Write the run folder (``config.yaml``, ``status.json`` queued, with ``status``'s fields)
+        and queue it; the fields are in status.json before a worker can see the row."""
         spec = spec.resolved()
         while True:  # a clash needs the same second and the same 4 random hex digits
             run_id = _run_id(name or spec.model.method)
@@ -407,7 +408,7 @@ class Queue:
         now = time.time()
         try:
             run.write_config(spec)
-            run.set_status("queued", run_id=run_id, name=name, owner=owner, created_at=now,
+            run.set_status("queued", **(status or {}), run_id=run_id, name=name, owner=owner, created_at=now,
                            method=spec.model.method)
             with self._transaction() as conn:  # upsert: a Queue starting meanwhile may have listed the folder
                 conn.execute("INSERT INTO jobs (run_id, run_dir, owner, state, auto_resume, created_at) "

@@ -135,6 +135,8 @@ class ModelCache:
         self._lock = threading.Lock()
 
     def get(self, run_dir, checkpoint: str | None = None) -> LoadedRun:
+        from . import advisor
+
         checkpoint = resolve_checkpoint(run_dir, checkpoint or None)
         key = (str(Path(run_dir).resolve()), checkpoint)
         with self._lock:
@@ -143,7 +145,8 @@ class ModelCache:
                 return self._runs[key]
             while len(self._runs) >= self.size:
                 self._runs.popitem(last=False)
-            loaded = self._runs[key] = load_run(run_dir, checkpoint)
+            # resolved already: None now means the final result, which load_run calls "result"
+            loaded = self._runs[key] = load_run(run_dir, checkpoint or advisor.RESULT)
             return loaded
 
     def release(self) -> None:

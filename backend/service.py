@@ -27,7 +27,7 @@ UPLOAD_TTL_S = 24 * 3600  # default of STUDIO_UPLOAD_TTL: an upload no run uses 
 QUEUED_PER_USER = 3  # default of STUDIO_MAX_QUEUED_PER_USER: one user's runs waiting or running at once
 
 
-def store_upload(path: str, root: str | Path | None = None, user: str = "") -> str:
+def store_upload(path: str, user: str = "") -> str:
     """Copy an upload into the user's own ``STUDIO_HOME/uploads/<user>/`` (named by content hash)
     so queued runs can read it after the web server's temporary files are gone, and only its
     uploader may name it in a run (``access.confine_paths``). The content is checked by ``data``,
@@ -36,7 +36,7 @@ def store_upload(path: str, root: str | Path | None = None, user: str = "") -> s
     if src.suffix.lower() not in data.SUFFIXES:
         raise data.DataError(f"{src.name}: unsupported file type (expected {', '.join(data.SUFFIXES)})")
     digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
-    folder = Path(root) if root else access.uploads_dir(user)
+    folder = access.uploads_dir(user)
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{digest}-{src.name}"
     if not target.exists():
@@ -191,12 +191,14 @@ def submit(queue, values: dict, preset: str | None = None, caller: Caller | None
         if len(waiting) >= limit:
             raise access.AccessError(f"you have {len(waiting)} runs queued or running (at most {limit}): "
                                      "wait for one to finish, or cancel one")
-    job = queue.submit(spec, owner=caller.user if caller else "")
-    if caller is not None and not access.token_allowed(flat_settings(spec), caller):
-        job.run.set_status(hub_token=False)  # the worker starts it without the server's HF_TOKEN
+    lend = caller is None or access.token_allowed(flat_settings(spec), caller)
+    # hub_token False: the worker starts it without the server's token (in status.json before the row exists)
+    job = queue.submit(spec, owner=caller.user if caller else "", status={} if lend else {"hub_token": False})
     try:  # recorded so the Runs tab can show it next to the measured peak
         from . import memory
 
+        if not lend:  # its config would be fetched with the server's token
+            raise ValueError("the model's config is not fetched with the server's token for this run")
         job.run.set_status(estimated_peak_mb=round(memory.estimate_for_spec(spec, row_tokens=row_tokens).total / 2**20))
     except Exception as exc:  # an estimate must never block a run
         job.run.add_notices([f"no memory estimate: {exc}"])

@@ -126,3 +126,16 @@ def test_playground_export_and_cli_use_the_recommended_checkpoint(advised_run, t
         assert (advised_run.path / forgetting.REPORT).read_text() == before
     finally:
         RunFolder(advised_run.path).set_status(recommended=saved["recommended"])
+
+
+def test_the_playground_cache_loads_the_final_result_when_asked(monkeypatch, tmp_path):
+    """"result" is the final result, not the recommended checkpoint (the cache resolves the name once)."""
+    from backend import advisor, playground
+
+    asked = []
+    monkeypatch.setattr(advisor, "checkpoint_for", lambda run_dir: "checkpoint-2")
+    monkeypatch.setattr(playground, "load_run", lambda run_dir, checkpoint=None: asked.append(checkpoint) or checkpoint)
+    cache = playground.ModelCache(size=4)
+    assert cache.get(tmp_path, "result") == advisor.RESULT and asked == [advisor.RESULT]
+    assert cache.get(tmp_path) == "checkpoint-2" and asked[-1] == "checkpoint-2"
+    assert cache.get(tmp_path, "checkpoint-1") == "checkpoint-1"

@@ -376,6 +376,7 @@ def test_the_servers_hub_token_is_not_lent_for_ids_a_user_picks(tmp_path, monkey
         while worker._running and time.time() < deadline:
             time.sleep(0.1)
             worker.tick()
+    assert queue.get(runs["private data"]).run.status()["hub_token"] is False
     got = {name: (seen / run_id).read_text() for name, run_id in runs.items()}
     assert got == {"private data": "none 1", "private model": "none 1", "preset model": "hf_owner_secret 0",
                    "embedded": "hf_owner_secret 0", "admin": "hf_owner_secret 0"}, got
@@ -423,3 +424,14 @@ def test_one_user_cannot_fill_the_queue(tmp_path, monkeypatch):
     admin = access.Caller("admin", admin=True)
     for _ in range(3):  # the admin is not limited
         service.submit(queue, {"data": service.store_upload(str(FIXTURES / "alpaca.json"), user="admin")}, caller=admin)
+
+
+def test_only_the_admin_runs_a_model_repositorys_own_code(tmp_path, monkeypatch):
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "home"))
+    queue = Queue(tmp_path / "jobs.sqlite3", tmp_path / "home" / "runs")
+    own = service.store_upload(str(FIXTURES / "alpaca.json"), user="bob")
+    with pytest.raises(access.AccessError, match="trust_remote_code"):
+        service.submit(queue, {"data": own, "model": "someone/model", "trust_remote_code": True},
+                       caller=access.Caller("bob"))
+    assert queue.list() == []
+    access.confine_paths({"trust_remote_code": True}, access.Caller("admin", admin=True))

@@ -6,7 +6,6 @@ keyed by setting name, the same mapping ``--set``, ``config.yaml`` and the ``/su
 
 from __future__ import annotations
 
-import os
 from typing import Any, get_args
 
 import gradio as gr
@@ -123,12 +122,17 @@ def preset_model_method(model, method, preset):
 def review(request: gr.Request, data_path, row_tokens, config: dict):
     """(config yaml, command, estimate markdown) for the form as it stands."""
     try:
-        values, preset = form_values({**(config or {}), "data": data_path or None})
+        values, preset = form_values({"data": data_path or None, **(config or {})})
         spec = service.make_spec(values, preset, service.caller(request))
     except (ConfigError, ValueError, PermissionError) as exc:
         message = access.redact(str(exc))
         return f"# error: {message}", "", f"**Error:** {message}"
-    return service.config_yaml(spec), service.cli_command(spec), service.estimate_markdown(spec, row_tokens)
+    caller = service.caller(request)
+    if access.server_token() and not access.token_allowed(service.flat_settings(spec), caller):
+        estimate = "Estimate not made: this server does not fetch that Hub model's config with its token for you."
+    else:
+        estimate = service.estimate_markdown(spec, row_tokens)
+    return service.config_yaml(spec), service.cli_command(spec), estimate
 
 
 def augment_preview(data_path, fmt, mapping, model, k, request: gr.Request = None, progress=gr.Progress()):
@@ -143,7 +147,7 @@ def augment_preview(data_path, fmt, mapping, model, k, request: gr.Request = Non
         access.confine_paths({"data": data_path, "model": model}, caller)
     except access.AccessError as exc:
         raise gr.Error(str(exc))
-    if os.environ.get("HF_TOKEN") and not access.token_allowed({"model": model}, caller):
+    if access.server_token() and not access.token_allowed({"model": model}, caller):
         raise gr.Error(f"{model}: on this server only the admin paraphrases with Hub models outside the presets")
     k = int(k or 0) or 3
     progress(0, desc=f"paraphrasing 8 prompts x {k} with the base model...")
