@@ -74,13 +74,11 @@ def create_runs_tab(queue):
 
     def act(action, run_id, request: gr.Request):
         if run_id:
-            try:
-                job = job_of(queue, run_id, request)
-                getattr(queue, action)(job.run_id, user=service.user_of(request), admin=service.is_admin(request))
+            caller = service.caller(request)
+            try:  # Queue checks access (access.job_for) before it changes anything
+                getattr(queue, action)(run_id, user=caller.user, admin=caller.admin)
             except (PermissionError, ValueError) as exc:
                 gr.Warning(access.redact(str(exc)))
-            except gr.Error as exc:
-                gr.Warning(exc.message)
         return refresh(run_id, "", request)
 
     jobs = gr.Dataframe(pd.DataFrame([], columns=COLUMNS), interactive=False)  # filled per caller on load
