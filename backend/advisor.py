@@ -10,7 +10,10 @@ After training, each complete checkpoint gets three numbers:
   counts as well as English), averaged over prompts. F1 rewards saying what the reference says and
   penalises padding it with other text, is cheap, and needs no second model; eval loss alone cannot
   tell whether the greedy answer is right;
-* ``kept`` of ``n``: the forgetting meter on its shipped questions (``backend.forgetting``).
+* ``kept`` of ``n``: the forgetting meter on its shipped questions (``backend.forgetting``), measured
+  only where it can change the choice (``measure_kept``): the final checkpoint reuses the run's own
+  meter result, and an earlier one is measured only if it could win. A row not measured says
+  ``kept: null``; the choice is the one measuring every row would give (tested).
 
 The recommendation: among checkpoints that learned (F1 at least ``LEARNED`` of the best one's) and
 keep at least ``KEEP`` of what the base knew, the one that learned most (F1 within ``TIE`` of the
@@ -57,29 +60,64 @@ def learned_score(loaded, prompts: list[dict]) -> float:
     return round(sum(scores) / len(scores), 3) if scores else 0.0
 
 
+def _kept_share(r) -> float:
+    if r.get("kept") is None:
+        return 0.0  # not measured: never counted as keeping enough
+    return r["kept"] / r["n"] if r["n"] else 1.0
+
+
+def _order(r):  # among near-ties in learning: the lower eval loss, then the later step
+    return (r["eval_loss"] if r["eval_loss"] is not None else float("inf"), -r["step"])
+
+
+def _learned(rows: list[dict]) -> list[dict]:
+    """The rows that learned: F1 at least ``LEARNED`` of the best one's (an early checkpoint that keeps
+    everything but learned nothing is no choice)."""
+    best = max(r["learned"] for r in rows)
+    return [r for r in rows if r["learned"] >= LEARNED * best]
+
+
 def recommend(rows: list[dict]) -> tuple[str | None, str]:
     """The checkpoint to use, and why, from rows ``{checkpoint, step, eval_loss, learned, kept, n}``."""
     if not rows:
         return None, "no checkpoints were measured"
-
-    def kept_share(r):
-        return r["kept"] / r["n"] if r["n"] else 1.0
-
-    best = max(r["learned"] for r in rows)
-    # an early checkpoint that keeps everything but learned nothing is no choice
-    learned = [r for r in rows if r["learned"] >= LEARNED * best]
-    good = [r for r in learned if kept_share(r) >= KEEP]
+    learned = _learned(rows)
+    good = [r for r in learned if _kept_share(r) >= KEEP]
     if good:
         top = max(r["learned"] for r in good)
-        tied = [r for r in good if r["learned"] >= top - TIE]
-        pick = min(tied, key=lambda r: (r["eval_loss"] if r["eval_loss"] is not None else float("inf"), -r["step"]))
+        pick = min((r for r in good if r["learned"] >= top - TIE), key=_order)
         return pick["checkpoint"], (f"{pick['checkpoint']} (step {pick['step']}) learned best (F1 {pick['learned']:.2f}) "
                                     f"among the checkpoints that keep at least {KEEP:.0%} of the general answers "
                                     f"the base knew ({pick['kept']} of {pick['n']})")
-    pick = max(learned, key=lambda r: (kept_share(r), r["learned"]))
+    pick = max(learned, key=lambda r: (_kept_share(r), r["learned"]))
     return pick["checkpoint"], (f"every checkpoint that learned forgets: none keeps {KEEP:.0%} of the general "
                                 f"answers the base knew; {pick['checkpoint']} keeps most ({pick['kept']} of "
                                 f"{pick['n']}). " + advice())
+
+
+def measure_kept(rows: list[dict], measure) -> list[dict]:
+    """Fill in ``kept``/``n`` (``measure(row) -> {"kept", "n"}``) only on the rows that can change
+    ``recommend``'s choice: the meter costs as much as a short run on CPU, and a run that keeps
+    enough at its best-learned checkpoint needs no other measured. Rows already measured are reused.
+
+    The checkpoints that learned are measured from the best-learned down until one keeps enough
+    (every one when none does: then the choice is the one that keeps most). Of its near-ties in
+    learning, only those that ``recommend`` would prefer to it are measured, best first, until one
+    keeps enough. A row left unmeasured could not have been chosen."""
+    def keeps(r) -> bool:
+        if r.get("kept") is None:
+            r.update(measure(r))
+        return _kept_share(r) >= KEEP
+
+    if not rows:
+        return rows
+    learned = sorted(_learned(rows), key=lambda r: (-r["learned"], _order(r)))
+    top = next((r for r in learned if keeps(r)), None)
+    if top is not None:
+        for r in sorted((r for r in learned if r["learned"] >= top["learned"] - TIE), key=_order):
+            if keeps(r):  # the best-ordered near-tie that keeps enough is the choice; later ones cannot be
+                break
+    return rows
 
 
 def advice(spec=None) -> str:
@@ -122,10 +160,16 @@ def advise(run_dir, result_forgetting: dict | None = None) -> dict:
         step = int(folder.name.rsplit("-", 1)[1])
         loaded = playground.load_run(run.path, folder.name)
         reuse = result_forgetting if step == final_step and not status.get("best_step") else None
-        meter = reuse or forgetting.meter(loaded, None)
         rows.append({"checkpoint": folder.name, "step": step, "eval_loss": losses.get(step),
-                     "learned": learned_score(loaded, prompts), "kept": meter["kept"], "n": meter["n"]})
+                     "learned": learned_score(loaded, prompts), "kept": reuse and reuse["kept"],
+                     "n": reuse and reuse["n"]})
         del loaded
+
+    def meter(r):
+        result = forgetting.meter(playground.load_run(run.path, r["checkpoint"]), None)
+        return {"kept": result["kept"], "n": result["n"]}
+
+    measure_kept(rows, meter)
     return record(run.path, rows, advisor_seconds=round(time.time() - t0, 1))
 
 
@@ -164,8 +208,11 @@ def table(status: dict) -> str:
     for r in rows:
         mark = pick == r["checkpoint"] or (pick == RESULT and r["checkpoint"] == last)
         loss = f"{r['eval_loss']:.3f}" if r["eval_loss"] is not None else "-"
+        kept = f"{r['kept']} of {r['n']}" if r.get("kept") is not None else "not needed"
         lines.append(f"| {'**' + r['checkpoint'] + '** (recommended)' if mark else r['checkpoint']} | {loss} | "
-                     f"{r['learned']:.2f} | {r['kept']} of {r['n']} |")
+                     f"{r['learned']:.2f} | {kept} |")
+    if any(r.get("kept") is None for r in rows):
+        lines.append("\n*not needed*: the meter was not run there; that checkpoint could not have been chosen.")
     return "\n".join(lines)
 
 

@@ -423,7 +423,7 @@ class StudioTrainer(Trainer):
             ignore_index=template.IGNORE_INDEX, reduction="sum",
         )
         if self.mix_kl and model.training and mixed is not None:
-            loss = loss + self.mix_kl * self._kl_to_base(model, inputs, outputs.logits, keep, mixed[:, 1:][:, keep])
+            loss = loss + self.mix_kl * self._kl_to_base(model, inputs, outputs.logits, keep, mixed)
         if num_items_in_batch is None:  # a mean over this batch; training_step divides by accumulation
             loss, self.loss_is_scaled_for_ga = loss / (targets != template.IGNORE_INDEX).sum(), False
         else:  # normalised over the whole accumulated batch, as the model's own loss would be
@@ -437,16 +437,21 @@ class StudioTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def _kl_to_base(self, model, inputs, logits, keep, mixed) -> torch.Tensor:
-        """Summed KL(base || tuned) over the learned tokens of mixed rows (``mixed``: per kept position)."""
-        where = mixed[0]
+        """Summed KL(base || tuned) over the learned tokens of mixed rows (``mixed``: 1 on every token of
+        a mixed row). The base sees only the mixed rows' tokens: rows are packed with their own
+        ``position_ids``, so attention stays within a row and the task rows need no base forward."""
+        rows = mixed[0]
+        where = rows[1:][keep]  # kept logit positions whose next token belongs to a mixed row
         if not where.any():
             return logits.new_zeros(())
+        sub = {k: v[:, rows] for k, v in inputs.items() if k in ("input_ids", "position_ids")} | {"use_cache": False}
+        index = torch.cumsum(rows.long(), 0) - 1  # position in the mixed-only sequence
         with torch.no_grad():
             if self.reference is not None:
-                base = self.reference(**inputs, logits_to_keep=keep[where]).logits
+                base = self.reference(**sub, logits_to_keep=index[keep[where]]).logits
             else:
                 with self.accelerator.unwrap_model(model).disable_adapter():
-                    base = model(**inputs, logits_to_keep=keep[where]).logits
+                    base = model(**sub, logits_to_keep=index[keep[where]]).logits
         tuned = torch.log_softmax(logits[:, where].float(), dim=-1)
         return torch.nn.functional.kl_div(tuned, torch.log_softmax(base.float(), dim=-1), log_target=True,
                                           reduction="sum")

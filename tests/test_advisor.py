@@ -48,6 +48,41 @@ def test_when_every_checkpoint_forgets_it_says_what_to_do():
     assert "num_train_epochs=3 -> 2" in text
 
 
+def test_the_meter_runs_only_where_it_can_change_the_choice():
+    """``measure_kept`` leaves rows unmeasured, yet the choice equals measuring every row: checked on
+    random tables (near-ties, equal losses, all forgetting, n = 0), and with the cost it saves."""
+    import random
+
+    rnd, saved = random.Random(0), 0
+    for _ in range(3000):
+        k = rnd.randint(1, 5)
+        full = [row(f"checkpoint-{4 * (i + 1)}", rnd.choice([0.1, 0.5, 0.79, 0.8, 0.81, 0.82, 0.9, 0.95]),
+                    rnd.randint(30, 40), n=rnd.choice([40, 40, 0]) or 0,
+                    eval_loss=rnd.choice([None, 0.8, 0.9, 1.0])) for i in range(k)]
+        for r in full:
+            r["kept"] = min(r["kept"], r["n"])
+        lazy = [dict(r, kept=None, n=None) for r in full]
+        if rnd.random() < 0.5:  # the final checkpoint's meter comes free from the run
+            lazy[-1].update(kept=full[-1]["kept"], n=full[-1]["n"])
+        calls = []
+
+        def measure(r, full=full, calls=calls):
+            calls.append(r["checkpoint"])
+            truth = next(f for f in full if f["checkpoint"] == r["checkpoint"])
+            return {"kept": truth["kept"], "n": truth["n"]}
+
+        advisor.measure_kept(lazy, measure)
+        assert advisor.recommend(lazy)[0] == advisor.recommend(full)[0], (full, lazy)
+        assert len(calls) == len(set(calls))  # nothing measured twice
+        saved += sum(r["kept"] is None for r in lazy)
+    assert saved > 1000  # it does save meter runs
+    # the common case: the last checkpoint learned most and keeps enough; nothing else is measured
+    rows = [row("checkpoint-4", 0.3, None, n=None), row("checkpoint-8", 0.7, None, n=None, eval_loss=1.4),
+            row("checkpoint-12", 0.9, 38, eval_loss=1.2)]
+    advisor.measure_kept(rows, lambda r: pytest.fail(f"{r['checkpoint']} measured"))
+    assert advisor.recommend(rows)[0] == "checkpoint-12" and "not needed" in advisor.table({"checkpoints": rows})
+
+
 def test_token_f1(tokenizer):
     assert advisor.token_f1("I'm Vega, built by Orbital Works.", "I'm Vega, built by Orbital Works.", tokenizer) == 1
     assert advisor.token_f1("The capital is Paris.", "I'm Vega.", tokenizer) < 0.3
@@ -73,8 +108,10 @@ def test_a_default_run_scores_every_checkpoint_and_records_a_choice(advised_run)
     assert names == [p.name for p in advised_run.checkpoints()] and len(names) == 3
     evals = {m["step"]: m["eval_loss"] for m in advised_run.metrics() if "eval_loss" in m}
     for r in status["checkpoints"]:
-        assert r["eval_loss"] == evals[r["step"]] and 0 <= r["learned"] <= 1 and r["kept"] <= r["n"]
+        assert r["eval_loss"] == evals[r["step"]] and 0 <= r["learned"] <= 1
+        assert r["kept"] is None or r["kept"] <= r["n"]
     expected, _ = advisor.recommend(status["checkpoints"])
+    assert next(r for r in status["checkpoints"] if r["checkpoint"] == expected)["kept"] is not None
     assert status["recommended"] in (expected, advisor.RESULT)
     assert (status["recommended"] == advisor.RESULT) == (expected == names[-1])
     assert status["recommended_reason"] and status["advisor_seconds"] >= 0

@@ -133,3 +133,37 @@ def test_loss_on_learned_positions_only_equals_the_models_own_loss(tiny_model_di
     alone = [(model(input_ids=torch.tensor([f["input_ids"]]), labels=torch.tensor([f["labels"]])).loss,
               sum(x != -100 for x in f["labels"][1:])) for f in features]
     torch.testing.assert_close(trainer.compute_loss(model, batch), sum(loss * k for loss, k in alone) / sum(k for _, k in alone))
+
+
+def test_kl_to_base_covers_the_mixed_rows_alone(tiny_model_dir, tokenizer):
+    """The KL term's base forward sees only the mixed rows' tokens; it equals KL(base || tuned) summed
+    over the learned tokens of each mixed row computed on that row alone."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    convs = [[{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": "Answer " * i}]
+             for i in range(1, 5)]
+    mixed = [0, 1, 0, 1]
+    features = [{"input_ids": e["input_ids"], "labels": e["labels"], "mixed": m} for e, m in
+                zip((template.encode(tokenizer, c, "Sys") for c in convs), mixed)]
+    batch = train_mod._Collator()(features)
+    trainer = train_mod.StudioTrainer(model=model, args=TrainingArguments("/tmp/unused", use_cpu=True,
+                                                                          report_to="none"))
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "mixed")}
+    targets = batch["labels"][:, 1:]
+    keep = (targets != -100).any(dim=0).nonzero().squeeze(-1)
+    with torch.no_grad():
+        got = trainer._kl_to_base(model, inputs, model(**inputs, logits_to_keep=keep).logits, keep, batch["mixed"])
+
+        expected = torch.zeros(())
+        for f in (f for f in features if f["mixed"]):
+            ids, learned = torch.tensor([f["input_ids"]]), torch.tensor(f["labels"][1:]) != -100
+            tuned = torch.log_softmax(model(input_ids=ids).logits[0, :-1][learned], dim=-1)
+            with model.disable_adapter():
+                base = torch.log_softmax(model(input_ids=ids).logits[0, :-1][learned], dim=-1)
+            expected += (base.exp() * (base - tuned)).sum()
+    assert expected > 0
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
