@@ -1,0 +1,294 @@
+"""backend/gguf_export.py: GGUF files read back by transformers answer like the studio; the Modelfile's
+TEMPLATE renders what training rendered; bad input fails cleanly, leaving no file."""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from backend import export, gguf_export, models, template
+from backend import train as train_mod
+from backend.__main__ import main
+from backend.config import RunSpec
+from backend.playground import RunError
+from backend.runs import RunFolder
+
+from conftest import tiny_spec
+
+SYSTEM = "Tu es Zed. 🙂 你好"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_model_dir, tiny_data):
+    """A tiny LoRA run with a system prompt (the file's template must carry it) and a validation split."""
+    spec = tiny_spec(tiny_model_dir, tiny_data, max_steps=4, system_prompt=SYSTEM, val_size=0.25)
+    return train_mod.train(spec, tmp_path_factory.mktemp("gguf") / "run").path
+
+
+def only(folder: Path) -> list[str]:
+    return sorted(p.name for p in Path(folder).iterdir()) if Path(folder).exists() else []
+
+
+# -- a Go text/template subset, as Ollama renders a TEMPLATE ------------------------------------
+_ACTION = re.compile(r'\{\{(-?)\s*((?:[^"}]|"(?:[^"\\]|\\.)*"|\}(?!\}))*?)\s*(-?)\}\}', re.S)
+_TERM = re.compile(r'"(?:[^"\\]|\\.)*"|\(|\)|[$.\w]+')
+_FUNCS = {
+    "eq": lambda a, *b: any(a == x for x in b), "ne": lambda a, b: a != b, "not": lambda a: not a,
+    "and": lambda *a: next((x for x in a if not x), a[-1]), "or": lambda *a: next((x for x in a if x), a[-1]),
+    "len": len, "slice": lambda x, i: x[i:], "index": lambda x, i: x[i],
+}
+
+
+def go_render(source: str, data: dict) -> str:
+    """Render ``source`` with Go's text/template rules for what ``gguf_export.go_template`` uses:
+    trim markers, string literals, variables, fields, range, if / else if / else, and the builtins above."""
+    items, pos, trim = [], 0, False
+    for m in _ACTION.finditer(source):
+        text = source[pos:m.start()]
+        text = text.lstrip() if trim else text
+        items.append(("text", text.rstrip() if m.group(1) else text))
+        items.append(("act", m.group(2)))
+        pos, trim = m.end(), bool(m.group(3))
+    items.append(("text", source[pos:].lstrip() if trim else source[pos:]))
+    out, scope = [], {"$": data}
+
+    def value(term):
+        if term.startswith('"'):
+            return json.loads(term)
+        if term.isdigit():
+            return int(term)
+        head, *fields = term.split(".")
+        obj = scope[head or "$"] if head.startswith("$") or not head else None
+        obj = scope["$"] if term.startswith(".") and "." not in scope else obj
+        for f in (f for f in fields if f):
+            obj = obj[f]
+        return obj
+
+    def call(terms):
+        args, i = [], 0
+        while i < len(terms):
+            if terms[i] == "(":
+                depth, j = 1, i + 1
+                while depth:
+                    depth += {"(": 1, ")": -1}.get(terms[j], 0)
+                    j += 1
+                args.append(call(terms[i + 1:j - 1]))
+                i = j
+            else:
+                args.append(terms[i] if terms[i] in _FUNCS else value(terms[i]))
+                i += 1
+        return _FUNCS[args[0]](*args[1:]) if isinstance(args[0], str) and args[0] in _FUNCS and \
+            not terms[0].startswith('"') else args[0]
+
+    def block(i, emit=True):
+        """Run items from ``i`` until an unmatched end/else; returns (index of it, its text)."""
+        while i < len(items):
+            kind, body = items[i]
+            if kind == "text":
+                out.append(body) if emit else None
+                i += 1
+            elif body == "end" or body.startswith("else"):
+                return i, body
+            elif body.startswith("range "):
+                names, expr = body[6:].split(":=")
+                var_i, var_m = [n.strip() for n in names.split(",")]
+                seq = call(_TERM.findall(expr))
+                end = i + 1
+                for k, elem in enumerate(seq if emit else []):
+                    scope[var_i], scope[var_m] = k, elem
+                    end, _ = block(i + 1)
+                i = (block(i + 1, emit=False)[0] if not (emit and seq) else end) + 1
+            elif body.startswith("if "):
+                taken, cond = False, call(_TERM.findall(body[3:]))
+                i, stop = block(i + 1, emit and bool(cond))
+                taken = bool(cond)
+                while stop != "end":
+                    branch = stop == "else" or (not taken and call(_TERM.findall(stop[len("else if "):])))
+                    i, stop = block(i + 1, emit and not taken and bool(branch))
+                    taken = taken or bool(branch)
+                i += 1
+            elif ":=" in body:
+                name, expr = body.split(":=")
+                scope[name.strip()] = call(_TERM.findall(expr)) if emit else None
+                i += 1
+            else:
+                out.append(str(call(_TERM.findall(body)))) if emit else None
+                i += 1
+        return i, None
+
+    block(0)
+    return "".join(out)
+
+
+def ollama_prompt(modelfile: str, messages: list[dict]) -> str:
+    """What Ollama's chat endpoint renders: the Modelfile's SYSTEM first unless the chat brings its
+    own system message, then the TEMPLATE over .Messages."""
+    tmpl = re.search(r'^TEMPLATE """(.*?)"""$', modelfile, re.S | re.M).group(1)
+    system = re.search(r'^SYSTEM """(.*?)"""$', modelfile, re.S | re.M)
+    if system and (not messages or messages[0]["role"] != "system"):
+        messages = [{"role": "system", "content": system.group(1)}, *messages]
+    return go_render(tmpl, {"Messages": [{"Role": m["role"], "Content": m["content"]} for m in messages]})
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Who are you?"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "I am Zed.\n\nHello!"},
+     {"role": "user", "content": "你是谁？ {{ .Content }} \"quoted\""}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1?"},
+     {"role": "assistant", "content": "2"}, {"role": "user", "content": "and 2+2?"},
+     {"role": "assistant", "content": "4"}, {"role": "user", "content": "🙂"}],
+]
+
+
+def test_go_renderer_follows_go_rules():
+    """The test's renderer itself, on what Go's text/template gives for these (trim markers, else if, $last)."""
+    src = ('{{- range $i, $m := .Messages }}\n{{- $last := eq (len (slice $.Messages $i)) 1 }}\n'
+           '{{- if eq $m.Role "a" }}{{ "A:" }}{{ $m.Content }}\n{{- else if eq $m.Role "b" }}B {{ $m.Content }}'
+           '{{ if $last }}{{ "!" }}{{ end }}\n{{- else }}?{{- end }}\n{{- end }}')
+    msgs = [{"Role": r, "Content": c} for r, c in (("a", "x"), ("b", "y"), ("c", "z"), ("b", "w"))]
+    assert go_render(src, {"Messages": msgs}) == "A:xB y?B w!"
+
+
+# -- the file -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("quant", gguf_export.QUANTS)
+def test_every_type_round_trips_through_transformers(run, tmp_path, quant, capsys):
+    import gguf
+
+    lines = []
+    report = gguf_export.export_gguf(run, tmp_path / "out" / "model.gguf", quant, ollama_dir=tmp_path / "out",
+                                     progress=lambda f, text: lines.append(text))
+    assert only(tmp_path / "out") == ["Modelfile", "model.gguf"]  # no temporary file left
+    assert report["bytes"] == (tmp_path / "out" / "model.gguf").stat().st_size
+    assert 0.85 < report["estimated_bytes"] / report["bytes"] < 1.15, report
+    assert any("parity" in line for line in lines) and any("tensors" in line for line in lines)
+
+    reader = gguf.GGUFReader(tmp_path / "out" / "model.gguf")
+    assert reader.fields["general.architecture"].contents() == "llama"
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    wanted = {"f16": "F16", "q8_0": "Q8_0", "q4_0": "Q4_0"}[quant]
+    assert types["blk.0.attn_q.weight"] == types["blk.1.ffn_down.weight"] == wanted
+    assert types["token_embd.weight"] == ("Q8_0" if quant == "q4_0" else wanted)
+    assert types["blk.0.attn_norm.weight"] == "F32" and "output.weight" not in types  # tied embeddings
+    tok = export.run_tokenizer(RunFolder(run).spec())
+    assert reader.fields["tokenizer.chat_template"].contents() == tok.chat_template
+
+    parity = report["parity"]
+    assert parity["template"] == "identical" and parity["prompts"] >= 4
+    with capsys.disabled():
+        print(f"\n{quant}: {parity['same']} of {parity['prompts']} answered alike, {report['bytes'] / 1e6:.1f} MB, "
+              f"{report['seconds']} s")
+    if quant == "f16":
+        assert parity["share"] == 1.0, parity
+
+
+def test_the_f16_file_holds_the_merged_weights(run, tmp_path):
+    """Read independently of the export's own check: every weight transformers loads from the file
+    equals the merged model's, to f16 precision (so the rope permutation and the names are right)."""
+    from transformers import AutoModelForCausalLM
+
+    gguf_export.export_gguf(run, tmp_path / "m.gguf", "f16", prompts=1)
+    merged = export.merged_model(RunFolder(run).spec(), Path(run) / "adapter", "float32").state_dict()
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).state_dict()
+    assert merged.keys() == back.keys()
+    for name, weight in merged.items():
+        torch.testing.assert_close(back[name], weight.half().float(), rtol=0, atol=0, msg=name)
+
+
+# -- Ollama ---------------------------------------------------------------------------------------
+def test_modelfile_template_renders_exactly_what_training_rendered(run, tmp_path):
+    gguf_export.export_gguf(run, tmp_path / "m.gguf", "q8_0", ollama_dir=tmp_path / "ollama", prompts=1)
+    text = (tmp_path / "ollama" / "Modelfile").read_text(encoding="utf-8")
+    assert text.startswith("FROM ../m.gguf\n")
+    assert f'SYSTEM """{SYSTEM}"""' in text and 'PARAMETER stop "<|im_end|>"' in text
+    for key, value in gguf_export.SAMPLING.items():
+        assert f"PARAMETER {key} {value}\n" in text
+    train_tok = export.run_tokenizer(RunFolder(run).spec())
+    plain = template.setup_chat_template(models.load_tokenizer(models.resolve_model(RunFolder(run).spec().model.model)))
+    for conv in CONVERSATIONS:
+        assert ollama_prompt(text, conv) == template.render(plain, conv, SYSTEM, add_generation_prompt=True)
+        # a chat ending on the assistant's turn gets no generation prompt, as in training
+        assert ollama_prompt(text, conv[:-1]) == template.render(plain, conv[:-1], SYSTEM)
+        assert ollama_prompt(text, conv) == train_tok.apply_chat_template(conv, tokenize=False,
+                                                                          add_generation_prompt=True)
+
+
+def test_without_a_system_prompt_the_template_keeps_its_own_default(tokenizer):
+    """SmolLM2's template writes its own system message when a chat has none: so does the TEMPLATE."""
+    text = "TEMPLATE " + gguf_export._quoted(gguf_export.go_template(tokenizer))
+    assert "SmolLM" in text
+    for conv in CONVERSATIONS:
+        assert ollama_prompt(text, conv) == tokenizer.apply_chat_template(conv, tokenize=False,
+                                                                          add_generation_prompt=True)
+
+
+def test_a_template_that_is_not_per_role_is_refused(tokenizer):
+    odd = type(tokenizer).from_pretrained(tokenizer.name_or_path)
+    odd.chat_template = ("{% for m in messages %}{{ loop.index }}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    with pytest.raises(export.ExportError, match="cannot be an Ollama TEMPLATE"):
+        gguf_export.go_template(odd)
+
+
+# -- bad input ------------------------------------------------------------------------------------
+def test_an_unsupported_architecture_is_named(run, tmp_path, tiny_model_dir):
+    other = Path(shutil.copytree(tiny_model_dir, tmp_path / "mistral-base"))
+    config = json.loads((other / "config.json").read_text())
+    config.update(model_type="mistral", architectures=["MistralForCausalLM"])
+    (other / "config.json").write_text(json.dumps(config))
+    copy = Path(shutil.copytree(run, tmp_path / "run"))
+    (copy / "config.yaml").write_text((copy / "config.yaml").read_text().replace(str(tiny_model_dir), str(other)))
+    with pytest.raises(export.ExportError, match=r"not mistral \(MistralForCausalLM\)"):
+        gguf_export.export_gguf(copy, tmp_path / "out" / "m.gguf")
+    assert only(tmp_path / "out") == []
+
+
+def test_a_run_without_result_and_a_full_disk_leave_no_file(run, tmp_path, monkeypatch):
+    unfinished = RunFolder(tmp_path / "unfinished")
+    unfinished.write_config(RunSpec())
+    unfinished.set_status("running")
+    with pytest.raises(RunError, match="no trained result yet"):
+        gguf_export.export_gguf(unfinished.path, tmp_path / "out" / "m.gguf")
+
+    free = shutil.disk_usage(tmp_path)._replace(free=10_000_000)
+    monkeypatch.setattr(gguf_export.shutil, "disk_usage", lambda path: free)
+    with pytest.raises(export.ExportError, match=r"not enough disk space .*needs about \d+ MB, 10 MB are free"):
+        gguf_export.export_gguf(run, tmp_path / "out" / "m.gguf")
+    assert only(tmp_path / "out") == []
+
+
+def test_a_template_mismatch_fails_the_export_and_says_so(run, tmp_path, monkeypatch):
+    monkeypatch.setattr(export, "with_default_system", lambda chat_template, system: chat_template)
+    with pytest.raises(export.ExportError, match="does not match training: the file's chat template renders"):
+        gguf_export.export_gguf(run, tmp_path / "out" / "m.gguf", ollama_dir=tmp_path / "out")
+    assert only(tmp_path / "out") == []
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+def test_cli_writes_the_file_and_prints_the_parity(run, tmp_path, capsys):
+    assert main(["export", "--run", str(run), "--gguf", str(tmp_path / "m.gguf"), "--quant", "q4_0",
+                 "--ollama", str(tmp_path), "--json"]) == 0
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    assert report["gguf"] == str(tmp_path / "m.gguf") and report["modelfile"] == str(tmp_path / "Modelfile")
+    assert report["parity"]["template"] == "identical" and "parity:" in err and "tensors" in err
+    assert main(["export", "--run", str(run), "--gguf", str(tmp_path / "n.gguf"), "--checkpoint", "result"]) == 0
+    out, _ = capsys.readouterr()
+    assert "answered token for token" in out and "f16" in out
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--quant", "q8_0", "--zip", "{tmp}/a.zip"], "--quant and --ollama go with --gguf"),
+    (["--ollama", "{tmp}", "--merge", "{tmp}/m"], "--quant and --ollama go with --gguf"),
+    (["--checkpoint", "result", "--zip", "{tmp}/a.zip"], "--checkpoint goes with --gguf"),
+    (["--gguf", "{tmp}/m.gguf", "--quant", "q2_k"], "quant must be one of f16, q8_0, q4_0"),
+    (["--gguf", "{tmp}/m.gguf", "--dtype", "float16"], "--dtype goes with --merge or --push"),
+])
+def test_cli_bad_gguf_export_is_one_error_line(run, tmp_path, capsys, args, fragment):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert main(["export", "--run", str(run), *args]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1 and fragment in err, err
+    assert not list(tmp_path.glob("*.gguf"))
