@@ -37,6 +37,7 @@ import numpy as np
 
 from . import export, template
 from .export import ExportError
+from .runs import RunFolder
 
 QUANTS = ("f16", "q8_0", "q4_0")  # what gguf.quants can write (K-quants there only dequantise)
 ARCHITECTURES = ("llama", "qwen2")  # transformers model_type: Llama family (SmolLM2, Llama 3, DeepSeek-LLM), Qwen2/2.5
@@ -142,8 +143,6 @@ def _nbytes(shape, qtype) -> int:
 def estimate_bytes(config, tokenizer_bytes: int, quant: str) -> int:
     """The file's size from the model's shape alone: every matrix at the type it will get (the
     embedding counted once when tied), plus the vocabulary as the tokenizer's files hold it."""
-    gguf = _gguf()
-    Q = gguf.GGMLQuantizationType
     hidden, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
     heads, kv = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
@@ -194,8 +193,8 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
     with tempfile.TemporaryDirectory(prefix="studio-gguf-tok-") as tmp:
         tokenizer.save_pretrained(tmp)
         tokenizer_json = json.loads((Path(tmp) / "tokenizer.json").read_text(encoding="utf-8"))
-        model = tokenizer_json.get("model", {})
-        if model.get("type") != "BPE" or model.get("byte_fallback") or (tokenizer_json.get("decoder") or {}).get("type") != "ByteLevel":
+        model, decoder = tokenizer_json.get("model", {}), tokenizer_json.get("decoder") or {}
+        if model.get("type") != "BPE" or model.get("byte_fallback") or decoder.get("type") != "ByteLevel":
             raise ExportError(f"GGUF export handles byte-level BPE tokenizers (Llama 3, SmolLM2, Qwen2), "
                               f"not this {model.get('type')} tokenizer")
         pre = _pre_tokenizer(tokenizer_json)
@@ -406,7 +405,7 @@ def modelfile(gguf_path: Path, folder: Path, tokenizer, system_prompt: str | Non
 
 # -- the export -----------------------------------------------------------------------------------
 def export_gguf(run_dir, path, quant: str = "f16", ollama_dir=None, checkpoint: str | None = None,
-                prompts: int = PROMPTS, progress=None) -> dict:
+                prompts: int | None = None, progress=None) -> dict:
     """Write the run's result to the GGUF file ``path`` (and a Modelfile into ``ollama_dir``),
     check it (``parity``) and return what was done: paths, sizes, seconds and the parity.
 
@@ -423,8 +422,7 @@ def export_gguf(run_dir, path, quant: str = "f16", ollama_dir=None, checkpoint: 
         raise ExportError(f"{path} is a folder: give the GGUF file's name")
     checkpoint = playground.resolve_checkpoint(run_dir, checkpoint)
     weights = playground.result_dir(run_dir, checkpoint)  # refuses a run without a result
-    loaded = playground.load_run(run_dir, checkpoint or advisor.RESULT)
-    spec = loaded.spec
+    spec = RunFolder(run_dir).spec()
     config = _weights_config(spec, weights)
     _architecture(config)
     tokenizer = export.run_tokenizer(spec)
@@ -436,6 +434,7 @@ def export_gguf(run_dir, path, quant: str = "f16", ollama_dir=None, checkpoint: 
     _check_disk(path.parent, int(estimate * 1.05))
     say(0.05, f"estimated {estimate / 1e6:.1f} MB; merging {weights.name}" if spec.model.method != "full"
         else f"estimated {estimate / 1e6:.1f} MB; loading {weights.name}")
+    loaded = playground.load_run(run_dir, checkpoint or advisor.RESULT)  # the in-app model, for the parity
     model = _load_weights(spec, weights)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.gguf")  # no half-written file under the real name
     try:
@@ -444,7 +443,7 @@ def export_gguf(run_dir, path, quant: str = "f16", ollama_dir=None, checkpoint: 
         del model
         written = time.time() - t0
         say(0.6, f"wrote {tmp.stat().st_size / 1e6:.1f} MB; reading it back with transformers")
-        rows = playground.default_prompts(run_dir, limit=prompts)
+        rows = playground.default_prompts(run_dir, limit=prompts or PROMPTS)
         result = parity(tmp, loaded, rows, progress=lambda f, text: say(0.6 + 0.4 * f, text))
         tmp.replace(path)
     finally:

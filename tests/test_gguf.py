@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_spec
 
 from backend import export, gguf_export, models, template
 from backend import train as train_mod
@@ -15,8 +16,6 @@ from backend.__main__ import main
 from backend.config import RunSpec
 from backend.playground import RunError
 from backend.runs import RunFolder
-
-from conftest import tiny_spec
 
 SYSTEM = "Tu es Zed. 🙂 你好"
 
@@ -153,19 +152,32 @@ def test_go_renderer_follows_go_rules():
 
 
 # -- the file -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("quant", gguf_export.QUANTS)
-def test_every_type_round_trips_through_transformers(run, tmp_path, quant, capsys):
+@pytest.fixture(scope="module")
+def exported(run, tmp_path_factory):
+    """f16 and q8_0 exports of the run (q4_0 goes through the CLI below), each with its Modelfile
+    and the progress lines it gave; tests read them, so each file is written and checked once."""
+    out = {}
+    for quant in ("f16", "q8_0"):
+        folder = tmp_path_factory.mktemp(quant)
+        lines = []
+        report = gguf_export.export_gguf(run, folder / "model.gguf", quant, ollama_dir=folder / "ollama",
+                                         prompts=PROMPTS, progress=lambda f, text: lines.append(text))
+        out[quant] = report, folder, lines
+    return out
+
+
+PROMPTS = 4  # validation prompts in the parity check (a random model never stops early: 48 tokens each)
+
+
+def check_file(report: dict, folder: Path, quant: str, run) -> None:
+    """The file as gguf-py reads it: the types asked for, tied embeddings, the run's chat template;
+    and the parity the export measured."""
     import gguf
 
-    lines = []
-    report = gguf_export.export_gguf(run, tmp_path / "out" / "model.gguf", quant, ollama_dir=tmp_path / "out",
-                                     progress=lambda f, text: lines.append(text))
-    assert only(tmp_path / "out") == ["Modelfile", "model.gguf"]  # no temporary file left
-    assert report["bytes"] == (tmp_path / "out" / "model.gguf").stat().st_size
+    path = Path(report["gguf"])
+    assert report["bytes"] == path.stat().st_size and path.parent == folder
     assert 0.85 < report["estimated_bytes"] / report["bytes"] < 1.15, report
-    assert any("parity" in line for line in lines) and any("tensors" in line for line in lines)
-
-    reader = gguf.GGUFReader(tmp_path / "out" / "model.gguf")
+    reader = gguf.GGUFReader(path)
     assert reader.fields["general.architecture"].contents() == "llama"
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     wanted = {"f16": "F16", "q8_0": "Q8_0", "q4_0": "Q4_0"}[quant]
@@ -173,35 +185,41 @@ def test_every_type_round_trips_through_transformers(run, tmp_path, quant, capsy
     assert types["token_embd.weight"] == ("Q8_0" if quant == "q4_0" else wanted)
     assert types["blk.0.attn_norm.weight"] == "F32" and "output.weight" not in types  # tied embeddings
     tok = export.run_tokenizer(RunFolder(run).spec())
-    assert reader.fields["tokenizer.chat_template"].contents() == tok.chat_template
-
+    assert reader.fields["tokenizer.chat_template"].contents() == tok.chat_template and SYSTEM in tok.chat_template
+    assert reader.fields["tokenizer.ggml.add_bos_token"].contents() is False
     parity = report["parity"]
-    assert parity["template"] == "identical" and parity["prompts"] >= 4
-    with capsys.disabled():
-        print(f"\n{quant}: {parity['same']} of {parity['prompts']} answered alike, {report['bytes'] / 1e6:.1f} MB, "
-              f"{report['seconds']} s")
+    assert parity["template"] == "identical" and parity["prompts"] == PROMPTS
+    print(f"\n{quant}: {parity['same']} of {parity['prompts']} answered alike, {report['bytes'] / 1e6:.1f} MB, "
+          f"{report['seconds']} s")
+
+
+@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+def test_each_type_round_trips_through_transformers(exported, run, quant):
+    report, folder, lines = exported[quant]
+    assert only(folder) == ["model.gguf", "ollama"]  # no temporary file left
+    check_file(report, folder, quant, run)
+    assert any("parity" in line for line in lines) and any("tensors" in line for line in lines)
     if quant == "f16":
-        assert parity["share"] == 1.0, parity
+        assert report["parity"]["share"] == 1.0, report["parity"]
 
 
-def test_the_f16_file_holds_the_merged_weights(run, tmp_path):
+def test_the_f16_file_holds_the_merged_weights(exported, run):
     """Read independently of the export's own check: every weight transformers loads from the file
     equals the merged model's, to f16 precision (so the rope permutation and the names are right)."""
     from transformers import AutoModelForCausalLM
 
-    gguf_export.export_gguf(run, tmp_path / "m.gguf", "f16", prompts=1)
+    path = Path(exported["f16"][0]["gguf"])
     merged = export.merged_model(RunFolder(run).spec(), Path(run) / "adapter", "float32").state_dict()
-    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).state_dict()
+    back = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).state_dict()
     assert merged.keys() == back.keys()
     for name, weight in merged.items():
         torch.testing.assert_close(back[name], weight.half().float(), rtol=0, atol=0, msg=name)
 
 
 # -- Ollama ---------------------------------------------------------------------------------------
-def test_modelfile_template_renders_exactly_what_training_rendered(run, tmp_path):
-    gguf_export.export_gguf(run, tmp_path / "m.gguf", "q8_0", ollama_dir=tmp_path / "ollama", prompts=1)
-    text = (tmp_path / "ollama" / "Modelfile").read_text(encoding="utf-8")
-    assert text.startswith("FROM ../m.gguf\n")
+def test_modelfile_template_renders_exactly_what_training_rendered(exported, run):
+    text = (exported["q8_0"][1] / "ollama" / "Modelfile").read_text(encoding="utf-8")
+    assert text.startswith("FROM ../model.gguf\n")
     assert f'SYSTEM """{SYSTEM}"""' in text and 'PARAMETER stop "<|im_end|>"' in text
     for key, value in gguf_export.SAMPLING.items():
         assert f"PARAMETER {key} {value}\n" in text
@@ -252,9 +270,9 @@ def test_a_run_without_result_and_a_full_disk_leave_no_file(run, tmp_path, monke
     with pytest.raises(RunError, match="no trained result yet"):
         gguf_export.export_gguf(unfinished.path, tmp_path / "out" / "m.gguf")
 
-    free = shutil.disk_usage(tmp_path)._replace(free=10_000_000)
+    free = shutil.disk_usage(tmp_path)._replace(free=1_000_000)
     monkeypatch.setattr(gguf_export.shutil, "disk_usage", lambda path: free)
-    with pytest.raises(export.ExportError, match=r"not enough disk space .*needs about \d+ MB, 10 MB are free"):
+    with pytest.raises(export.ExportError, match=r"not enough disk space .*needs about \d+ MB, 1 MB are free"):
         gguf_export.export_gguf(run, tmp_path / "out" / "m.gguf")
     assert only(tmp_path / "out") == []
 
@@ -267,16 +285,16 @@ def test_a_template_mismatch_fails_the_export_and_says_so(run, tmp_path, monkeyp
 
 
 # -- CLI ------------------------------------------------------------------------------------------
-def test_cli_writes_the_file_and_prints_the_parity(run, tmp_path, capsys):
+def test_cli_writes_a_q4_0_file_and_prints_the_parity(run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(gguf_export, "PROMPTS", PROMPTS)
     assert main(["export", "--run", str(run), "--gguf", str(tmp_path / "m.gguf"), "--quant", "q4_0",
                  "--ollama", str(tmp_path), "--json"]) == 0
     out, err = capsys.readouterr()
     report = json.loads(out)
     assert report["gguf"] == str(tmp_path / "m.gguf") and report["modelfile"] == str(tmp_path / "Modelfile")
-    assert report["parity"]["template"] == "identical" and "parity:" in err and "tensors" in err
-    assert main(["export", "--run", str(run), "--gguf", str(tmp_path / "n.gguf"), "--checkpoint", "result"]) == 0
-    out, _ = capsys.readouterr()
-    assert "answered token for token" in out and "f16" in out
+    assert "parity:" in err and "tensors" in err and report["checkpoint"] == "result"
+    check_file(report, tmp_path, "q4_0", run)
+    assert only(tmp_path) == ["Modelfile", "m.gguf"]
 
 
 @pytest.mark.parametrize("args,fragment", [
