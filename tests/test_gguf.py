@@ -310,3 +310,25 @@ def test_cli_bad_gguf_export_is_one_error_line(run, tmp_path, capsys, args, frag
     out, err = capsys.readouterr()
     assert out == "" and len(err.strip().splitlines()) == 1 and fragment in err, err
     assert not list(tmp_path.glob("*.gguf"))
+
+
+# -- the embedded model ---------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_real_run_exports_files_that_answer_like_the_studio(tmp_path):
+    """A few LoRA steps of the embedded SmolLM2 on the persona data: the f16 file's greedy answers
+    to 8 validation prompts are the in-app tuned model's, token for token; q8_0's share is printed."""
+    from backend.presets import build_spec
+
+    data = Path(__file__).parent / "data" / "persona_vega.csv"
+    spec = build_spec({"method": "lora", "data": str(data), "max_steps": 6, "val_size": 8, "mix_data": "none",
+                       "measure_forgetting": False, "advise_checkpoints": False})
+    run = train_mod.train(spec, tmp_path / "vega").path
+    reports = {q: gguf_export.export_gguf(run, tmp_path / f"vega-{q}.gguf", q, ollama_dir=tmp_path / q)
+               for q in ("f16", "q8_0")}
+    for quant, report in reports.items():
+        p = report["parity"]
+        print(f"\n{quant}: {p['same']} of {p['prompts']} alike, {report['bytes'] / 1e6:.1f} MB "
+              f"(estimated {report['estimated_bytes'] / 1e6:.1f}), written in {report['write_seconds']} s, "
+              f"{report['seconds']} s with the check; differs: {p['differs']}")
+        assert p["prompts"] == 8 and p["template"] == "identical"
+    assert reports["f16"]["parity"]["share"] == 1.0, reports["f16"]["parity"]
