@@ -193,6 +193,11 @@ def check_file(report: dict, folder: Path, quant: str, run) -> None:
           f"{report['seconds']} s")
 
 
+def as_written(weight: torch.Tensor) -> torch.Tensor:
+    """A weight as an f16 file holds it: matrices rounded to f16, norms and biases kept in f32."""
+    return weight if weight.ndim == 1 else weight.half().float()
+
+
 @pytest.mark.parametrize("quant", ["f16", "q8_0"])
 def test_each_type_round_trips_through_transformers(exported, run, quant):
     report, folder, lines = exported[quant]
@@ -205,7 +210,7 @@ def test_each_type_round_trips_through_transformers(exported, run, quant):
 
 def test_the_f16_file_holds_the_merged_weights(exported, run):
     """Read independently of the export's own check: every weight transformers loads from the file
-    equals the merged model's, to f16 precision (so the rope permutation and the names are right)."""
+    equals the merged model's as an f16 file holds it (so the rope permutation and the names are right)."""
     from transformers import AutoModelForCausalLM
 
     path = Path(exported["f16"][0]["gguf"])
@@ -213,7 +218,32 @@ def test_the_f16_file_holds_the_merged_weights(exported, run):
     back = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).state_dict()
     assert merged.keys() == back.keys()
     for name, weight in merged.items():
-        torch.testing.assert_close(back[name], weight.half().float(), rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(back[name], as_written(weight), rtol=0, atol=0, msg=name)
+
+
+def test_a_full_run_of_a_qwen2_model_exports_as_trained(tmp_path, tokenizer, tiny_data):
+    """Qwen2 (attention biases, no rope permutation) through the full fine-tuning path: the trained
+    weights themselves go into the file, and the file answers like the in-app model."""
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, initializer_range=0.2)
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path / "qwen2")
+    tokenizer.save_pretrained(tmp_path / "qwen2")
+    run = train_mod.train(tiny_spec(tmp_path / "qwen2", tiny_data, method="full", max_steps=2, val_size=0.25),
+                          tmp_path / "run").path
+    report = gguf_export.export_gguf(run, tmp_path / "q.gguf", "f16", prompts=2)
+    assert report["parity"]["share"] == 1.0 and report["method"] == "full"
+    trained = AutoModelForCausalLM.from_pretrained(Path(run) / "model", dtype=torch.float32).state_dict()
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="q.gguf", dtype=torch.float32)
+    assert back.config.model_type == "qwen2"
+    back = back.state_dict()
+    assert trained.keys() == back.keys() and any(name.endswith("q_proj.bias") for name in back)
+    for name, weight in trained.items():
+        torch.testing.assert_close(back[name], as_written(weight), rtol=0, atol=0, msg=name)
 
 
 # -- Ollama ---------------------------------------------------------------------------------------
@@ -320,7 +350,8 @@ def test_a_real_run_exports_files_that_answer_like_the_studio(tmp_path):
     from backend.presets import build_spec
 
     data = Path(__file__).parent / "data" / "persona_vega.csv"
-    spec = build_spec({"method": "lora", "data": str(data), "max_steps": 6, "val_size": 8, "mix_data": "none",
+    spec = build_spec({"method": "lora", "data": str(data), "max_steps": 3, "per_device_train_batch_size": 4,
+                       "val_size": 8, "mix_data": "none",
                        "measure_forgetting": False, "advise_checkpoints": False})
     run = train_mod.train(spec, tmp_path / "vega").path
     reports = {q: gguf_export.export_gguf(run, tmp_path / f"vega-{q}.gguf", q, ollama_dir=tmp_path / q)
