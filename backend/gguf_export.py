@@ -286,7 +286,8 @@ def parity(gguf_path: Path, loaded, prompts: list[dict], progress=None) -> dict:
     """Read ``gguf_path`` back with transformers and compare it with ``loaded`` (the in-app run).
 
     Raises ``ExportError`` on a template, BOS/EOS, stop-token or prompt-token mismatch; returns
-    ``{"prompts", "same", "share", "differs": [prompts answered differently], "template": "identical"}``.
+    ``{"prompts", "same", "share", "tokens_alike" (the mean share of the in-app answer's tokens before
+    the first difference), "differs": [prompts answered differently], "template": "identical"}``.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -309,7 +310,9 @@ def parity(gguf_path: Path, loaded, prompts: list[dict], progress=None) -> dict:
         # tokenized with whatever special tokens the file says to add
         file_text = reader_tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
         if file_text != text:
-            problems.append(f"the file's chat template renders {file_text[:80]!r}..., training rendered {text[:80]!r}...")
+            at = next((i for i, (a, b) in enumerate(zip(file_text, text)) if a != b), min(len(file_text), len(text)))
+            problems.append(f"the file's chat template renders {file_text[at:at + 40]!r} at character {at}, "
+                            f"training rendered {text[at:at + 40]!r}")
             break
         if reader_tok(file_text)["input_ids"] != template.prompt_ids(train_tok, conv, system):
             problems.append(f"the file's tokenizer gives other prompt tokens for {conv[-1]['content'][:40]!r}")
@@ -321,17 +324,22 @@ def parity(gguf_path: Path, loaded, prompts: list[dict], progress=None) -> dict:
     tuned, context = loaded.model_for("tuned")
     pad = next(t for t in (train_tok.pad_token_id, train_tok.eos_token_id, 0) if t is not None)
     stop_ids = stops | {train_tok.eos_token_id}
-    differs = []
+    differs, alike = [], []
     for i, conv in enumerate(convs[:len(prompts)]):
         ids = template.prompt_ids(train_tok, conv, system)
         with loaded.lock, context:
             app = _greedy(tuned, ids, stop_ids, pad)
-        if _greedy(reader, ids, stop_ids, pad) != app:
+        answer = _greedy(reader, ids, stop_ids, pad)
+        if answer != app:
             differs.append(conv[-1]["content"])
+        # how far the answers go together: the share of the in-app answer's tokens before the first difference
+        common = next((k for k, (a, b) in enumerate(zip(answer, app)) if a != b), min(len(answer), len(app)))
+        alike.append(common / len(app) if app else float(answer == app))
         if progress:
             progress((i + 1) / len(prompts), f"parity: {i + 1 - len(differs)} of {i + 1} prompts answered alike")
     same = len(prompts) - len(differs)
     return {"prompts": len(prompts), "same": same, "share": round(same / len(prompts), 3) if prompts else None,
+            "tokens_alike": round(sum(alike) / len(alike), 3) if alike else None,
             "differs": differs, "template": "identical", "reader": "transformers"}
 
 
@@ -463,5 +471,6 @@ def summary(report: dict) -> str:
     """One line on the parity, for the CLI and the Export tab."""
     p = report["parity"]
     return (f"{report['quant']}: {p['same']} of {p['prompts']} validation prompts answered token for token like "
-            f"the in-app tuned model ({p['share']:.0%}); chat template, BOS/EOS and stop tokens identical; "
+            f"the in-app tuned model ({p['share']:.0%}; {p['tokens_alike']:.0%} of their tokens before the first "
+            f"difference); chat template, BOS/EOS and stop tokens identical; "
             f"{report['bytes'] / 1e6:.1f} MB in {report['seconds']:.0f} s")
