@@ -33,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import gguf
 import numpy as np
 
 from . import export, template
@@ -45,12 +46,6 @@ PROMPTS = 8
 MAX_NEW_TOKENS = 48
 # The Playground's defaults (ui/playground_tab.py) as Ollama parameters.
 SAMPLING = {"temperature": 0.0, "top_p": 1.0, "top_k": 50, "repeat_penalty": 1.0, "num_predict": 128}
-
-
-def _gguf():
-    import gguf  # imported when used: the rest of the studio does not need it
-
-    return gguf
 
 
 # -- what to write --------------------------------------------------------------------------------
@@ -92,7 +87,6 @@ def _qtype(name: str, data: np.ndarray, quant: str):
     """The GGML type of one tensor: norms and biases stay f32, as llama.cpp's converter keeps them;
     with q4_0 the embedding/output matrix gets q8_0, since it decides every token (llama.cpp's
     quantizer also keeps it at more bits); rows that do not fill whole blocks fall back to f16."""
-    gguf = _gguf()
     Q = gguf.GGMLQuantizationType
     if data.ndim == 1:
         return Q.F32
@@ -111,7 +105,6 @@ def _rope_interleave(w: np.ndarray, heads: int) -> np.ndarray:
 
 def _tensors(model, arch: str, quant: str):
     """(GGUF name, fp32 array, GGML type) for each tensor to write, in the model's order."""
-    gguf = _gguf()
     config = model.config
     names = gguf.get_tensor_name_map(_gguf_arch(arch), config.num_hidden_layers)
     out = []
@@ -130,12 +123,10 @@ def _tensors(model, arch: str, quant: str):
 
 
 def _gguf_arch(arch: str):
-    gguf = _gguf()
     return {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[arch]
 
 
 def _nbytes(shape, qtype) -> int:
-    gguf = _gguf()
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     return int(np.prod(shape)) // block * size
 
@@ -189,7 +180,6 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
     """The byte-level BPE vocabulary, its merges and special tokens, and the run's chat template.
     Token types as llama.cpp's converter sets them: added tokens are CONTROL when special, else
     USER_DEFINED; ids the tokenizer does not use up to the model's vocab size are UNUSED padding."""
-    gguf = _gguf()
     with tempfile.TemporaryDirectory(prefix="studio-gguf-tok-") as tmp:
         tokenizer.save_pretrained(tmp)
         tokenizer_json = json.loads((Path(tmp) / "tokenizer.json").read_text(encoding="utf-8"))
@@ -223,7 +213,6 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
 # -- writing --------------------------------------------------------------------------------------
 def write_gguf(model, tokenizer, path: Path, quant: str, name: str, progress=None) -> None:
     """Write ``model`` (a supported architecture) and ``tokenizer`` to ``path``, one tensor at a time."""
-    gguf = _gguf()
     config = model.config
     arch = _architecture(config)
     tensors = _tensors(model, arch, quant)
