@@ -314,6 +314,23 @@ def test_a_template_mismatch_fails_the_export_and_says_so(run, tmp_path, monkeyp
     assert only(tmp_path / "out") == []
 
 
+def test_a_wrong_end_token_in_the_file_fails_the_export(run, tmp_path, monkeypatch):
+    """A file whose EOS is not training's (here: the BOS id written as EOS) would never stop in
+    llama.cpp as the studio's model does: the export fails naming EOS and the end-of-turn tokens."""
+    import gguf
+
+    write = gguf.SpecialVocab.add_to_gguf
+
+    def wrong_eos(self, writer, quiet=False):
+        self.special_token_ids["eos"] = self.special_token_ids["bos"]
+        write(self, writer, quiet)
+
+    monkeypatch.setattr(gguf.SpecialVocab, "add_to_gguf", wrong_eos)
+    with pytest.raises(export.ExportError, match="does not match training: EOS differs .* end-of-turn tokens differ"):
+        gguf_export.export_gguf(run, tmp_path / "out" / "m.gguf")
+    assert only(tmp_path / "out") == []
+
+
 # -- CLI ------------------------------------------------------------------------------------------
 def test_cli_writes_a_q4_0_file_and_prints_the_parity(run, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(gguf_export, "PROMPTS", PROMPTS)
