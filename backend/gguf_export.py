@@ -392,7 +392,9 @@ def _quoted(text: str) -> str:
 def modelfile(gguf_path: Path, folder: Path, tokenizer, system_prompt: str | None) -> str:
     """An Ollama Modelfile for ``gguf_path``, written in ``folder``: its text."""
     stops = sorted(tokenizer.convert_ids_to_tokens(sorted(template.end_of_turn_ids(tokenizer))))
-    lines = [f"FROM {os.path.relpath(gguf_path, folder)}", f"TEMPLATE {_quoted(go_template(tokenizer))}"]
+    source = os.path.relpath(gguf_path, folder)
+    source = source if source.startswith("..") else f"./{source}"  # a path, never read as a model's name
+    lines = [f"FROM {source}", f"TEMPLATE {_quoted(go_template(tokenizer))}"]
     if system_prompt:
         lines.append(f"SYSTEM {_quoted(system_prompt)}")
     lines += [f"PARAMETER stop {json.dumps(s, ensure_ascii=False)}" for s in stops]

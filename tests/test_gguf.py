@@ -339,6 +339,7 @@ def test_cli_writes_a_q4_0_file_and_prints_the_parity(run, tmp_path, capsys, mon
     out, err = capsys.readouterr()
     report = json.loads(out)
     assert report["gguf"] == str(tmp_path / "m.gguf") and report["modelfile"] == str(tmp_path / "Modelfile")
+    assert (tmp_path / "Modelfile").read_text().startswith("FROM ./m.gguf\n")
     assert "parity:" in err and "tensors" in err and report["checkpoint"] == "result"
     check_file(report, tmp_path, "q4_0", run)
     assert only(tmp_path) == ["Modelfile", "m.gguf"]
