@@ -246,6 +246,18 @@ def test_a_full_run_of_a_qwen2_model_exports_as_trained(tmp_path, tokenizer, tin
         torch.testing.assert_close(back[name], as_written(weight), rtol=0, atol=0, msg=name)
 
 
+def test_a_qlora_run_exports_merged_into_a_16_bit_base(tmp_path, tiny_model_dir, tiny_data):
+    """QLoRA trains on a 4-bit base; the file holds the adapter merged into the unquantised base
+    (as the merge export), so its answers may differ from the 4-bit in-app model: the share is reported."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is needed to train a QLoRA run")
+    run = train_mod.train(tiny_spec(tiny_model_dir, tiny_data, method="qlora", max_steps=2, val_size=0.25),
+                          tmp_path / "run").path
+    report = gguf_export.export_gguf(run, tmp_path / "q.gguf", "f16", prompts=2)
+    assert report["method"] == "qlora" and report["parity"]["template"] == "identical"
+    assert only(tmp_path) == ["q.gguf", "run"]
+    print(f"\nqlora f16: {report['parity']['same']} of {report['parity']['prompts']} alike")
+
+
 # -- Ollama ---------------------------------------------------------------------------------------
 def test_modelfile_template_renders_exactly_what_training_rendered(exported, run):
     text = (exported["q8_0"][1] / "ollama" / "Modelfile").read_text(encoding="utf-8")
