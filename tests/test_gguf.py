@@ -60,8 +60,7 @@ def go_render(source: str, data: dict) -> str:
         if term.isdigit():
             return int(term)
         head, *fields = term.split(".")
-        obj = scope[head or "$"] if head.startswith("$") or not head else None
-        obj = scope["$"] if term.startswith(".") and "." not in scope else obj
+        obj = scope[head or "$"]  # ".X" reads the data itself: the TEMPLATE uses it outside range only
         for f in (f for f in fields if f):
             obj = obj[f]
         return obj
