@@ -133,15 +133,21 @@ def cmd_eval(a) -> int:
 def cmd_export(a) -> int:
     from . import export
 
-    given = [flag for flag, value in (("--zip", a.zip), ("--merge", a.merge), ("--push", a.push))
+    given = [flag for flag, value in (("--zip", a.zip), ("--merge", a.merge), ("--push", a.push), ("--gguf", a.gguf))
              if value is not None]
     if len(given) != 1:
         got = f" (got {' and '.join(given)})" if given else ""
-        raise UsageError(f"export takes exactly one of --zip FILE, --merge DIR, --push REPO_ID{got}")
+        raise UsageError(f"export takes exactly one of --zip FILE, --merge DIR, --push REPO_ID, --gguf FILE{got}")
     if (a.what or a.public) and a.push is None:
         raise UsageError("--what and --public go with --push")
-    if a.dtype and a.zip is not None:
-        raise UsageError("--dtype goes with --merge or --push (a zip holds the result as trained)")
+    if a.dtype and (a.zip is not None or a.gguf is not None):
+        raise UsageError("--dtype goes with --merge or --push (a zip holds the result as trained; --quant sets a GGUF's type)")
+    if (a.quant or a.ollama) and a.gguf is None:
+        raise UsageError("--quant and --ollama go with --gguf")
+    if a.checkpoint and a.gguf is None:
+        raise UsageError("--checkpoint goes with --gguf (the other exports take the recommended checkpoint)")
+    if a.gguf is not None:
+        return _export_gguf(a)
     if a.zip is not None:
         result = {"zip": export.zip_result(a.run, a.zip)}
     elif a.merge is not None:
@@ -150,6 +156,25 @@ def cmd_export(a) -> int:
         result = {"push": export.push(a.run, a.push, os.environ.get("HF_TOKEN", ""), what=a.what,
                                       private=not a.public, dtype=a.dtype)}
     print(json.dumps(result, ensure_ascii=False) if a.json else next(iter(result.values())))
+    return 0
+
+
+def _export_gguf(a) -> int:
+    from . import gguf_export
+
+    def progress(fraction, text):
+        print(f"[{fraction:4.0%}] {text}", file=sys.stderr, flush=True)
+
+    report = gguf_export.export_gguf(a.run, a.gguf, a.quant or "f16", a.ollama, a.checkpoint, progress=progress)
+    if a.json:
+        print(json.dumps(report, ensure_ascii=False))
+        return 0
+    print(report["gguf"])
+    print(gguf_export.summary(report))
+    for prompt in report["parity"]["differs"]:
+        print(f"  answered differently: {prompt!r}")
+    if "modelfile" in report:
+        print(f"{report['modelfile']}  (ollama create NAME -f {report['modelfile']})")
     return 0
 
 
@@ -294,8 +319,8 @@ def _runs(sub) -> None:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_eval)
 
-    s = sub.add_parser("export", help="zip the result, merge it into a standalone model, or push it to the Hub",
-                       description="Exactly one of --zip, --merge, --push. --push reads the token from "
+    s = sub.add_parser("export", help="zip the result, merge it into a standalone model, push it to the Hub, or write a GGUF",
+                       description="Exactly one of --zip, --merge, --push, --gguf. --push reads the token from "
                                    "HF_TOKEN (never a flag: it would show in `ps`).")
     s.add_argument("--run", required=True)
     s.add_argument("--zip", metavar="FILE", help="write the result, config and metrics to this zip")
@@ -305,6 +330,12 @@ def _runs(sub) -> None:
                                    "(default: float32 on CPU-only machines, else bfloat16)")
     s.add_argument("--what", help="with --push: adapter (default for LoRA/QLoRA runs) or merged")
     s.add_argument("--public", action="store_true", help="with --push: create the repository public")
+    s.add_argument("--gguf", metavar="FILE", help="write one GGUF file (llama.cpp, Ollama), checked against the "
+                                                  "in-app model's greedy answers to the validation prompts")
+    s.add_argument("--quant", help="with --gguf: f16 (default), q8_0 or q4_0")
+    s.add_argument("--ollama", metavar="DIR", help="with --gguf: write an Ollama Modelfile into this folder")
+    s.add_argument("--checkpoint", help="with --gguf: a checkpoint folder name, or 'result' (default: the "
+                                        "recommended checkpoint, else the result)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_export)
 

@@ -151,6 +151,11 @@ def _torch_dtype(name: str):
 
 
 def _save_merged(spec: RunSpec, adapter_dir: Path, target: Path, dtype: str) -> None:
+    merged_model(spec, adapter_dir, dtype).save_pretrained(target)  # safetensors (the only format transformers 5 writes)
+
+
+def merged_model(spec: RunSpec, adapter_dir: Path, dtype: str):
+    """The base model in ``dtype`` with the adapter at ``adapter_dir`` merged into it (on the CPU)."""
     from transformers import AutoModelForCausalLM
 
     model_path = models.resolve_model(spec.model.model)
@@ -158,8 +163,7 @@ def _save_merged(spec: RunSpec, adapter_dir: Path, target: Path, dtype: str) -> 
         base = AutoModelForCausalLM.from_pretrained(  # safetensors only, as models.load_base
             model_path, dtype=_torch_dtype(dtype), use_safetensors=True, **models.hub_kwargs(spec.model.trust_remote_code)
         )
-    merged = models.load_adapter(base, adapter_dir).merge_and_unload()
-    merged.save_pretrained(target)  # safetensors (the only format transformers 5 writes)
+    return models.load_adapter(base, adapter_dir).merge_and_unload()
 
 
 def _save_full(model_dir: Path, target: Path, dtype: str | None) -> str:

@@ -109,7 +109,8 @@ def test_another_user_gets_nothing_of_a_run_by_id_or_by_path(studio, tmp_path):
     as_bob = client_as(url, "bob")
     for name in (alice.run_id, alice.run_dir, str(Path(alice.run_dir).relative_to(tmp_path / "home"))):
         calls = {
-            "/export_zip": (name,), "/export_merge": (name, "auto"), "/download": (name,), "/status": (name,),
+            "/export_zip": (name,), "/export_merge": (name, "auto"), "/export_gguf": (name, "f16"),
+            "/download": (name,), "/status": (name,),
             "/side_by_side": (name, "", "hi", False, [], [], *SETTINGS), "/preference_pairs": (name,),
             "/batch_compare": (name, "", "hi", *SETTINGS), "/evaluate": (name, ""), "/forgetting": (name, ""),
             "/compare_runs": (bob.run_id, [name], "hi", *SETTINGS),

@@ -1,10 +1,12 @@
-"""Export tab: the result as a zip, LoRA merged into the base, push to the Hugging Face Hub."""
+"""Export tab: the result as a zip, LoRA merged into the base, push to the Hugging Face Hub, GGUF for Ollama."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gradio as gr
 
-from backend import access, export
+from backend import access, export, gguf_export
 
 from .common import error, job_of
 from .i18n import t
@@ -26,6 +28,9 @@ def create_export_tab(queue):
         what = gr.Radio(["adapter", "merged"], value="adapter", label=t("what"))
         private = gr.Checkbox(True, label=t("private"))
         push_btn = gr.Button(t("push"))
+    with gr.Row():
+        quant = gr.Dropdown(list(gguf_export.QUANTS), value="f16", label=t("quant"))
+        gguf_btn = gr.Button(t("gguf"))
     message = gr.Markdown()
 
     # the server picks every output location: the zip is a download, the merged model goes to the
@@ -55,7 +60,20 @@ def create_export_tab(queue):
             raise error(exc)
         return f"Pushed to {url}"
 
+    def do_gguf(run_value, quant_name, request: gr.Request, progress=gr.Progress()):
+        run_dir = job_of(queue, run_value, request).run_dir
+        folder = f"{run_dir}/gguf/{quant_name}"  # the server's choice, as the merge's RUN_DIR/merged
+        try:
+            report = gguf_export.export_gguf(run_dir, f"{folder}/{Path(run_dir).name}-{quant_name}.gguf", quant_name,
+                                             ollama_dir=folder, progress=lambda f, text: progress(f, desc=text))
+        except ValueError as exc:
+            raise error(exc)
+        differs = "".join(f"\n- answered differently: {p!r}" for p in report["parity"]["differs"])
+        return (f"GGUF saved to `{access.redact(report['gguf'])}` with an Ollama `Modelfile` beside it "
+                f"(`ollama create NAME -f Modelfile` in that folder).\n\n{gguf_export.summary(report)}{differs}")
+
     zip_btn.click(do_zip, [run], [zip_file], api_name="export_zip")
     merge_btn.click(do_merge, [run, dtype], [message], api_name="export_merge")
     push_btn.click(do_push, [run, repo_id, token, what, private], [message], api_name="export_push")
+    gguf_btn.click(do_gguf, [run, quant], [message], api_name="export_gguf")
     return run
