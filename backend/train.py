@@ -226,17 +226,24 @@ def _general_rows(run, spec: RunSpec, tokenizer, n: int) -> list[dict]:
     return [{"messages": c, "mixed_from": spec.data.mix_data} for c in sample]
 
 
-def _tokenize(tokenizer, conversations, d):
+def _tokenize(tokenizer, rows, d):
+    """Raw-text documents packed into blocks (``data.text_blocks``); chat rows encoded one per example
+    with the run's template. Every example carries its ``position_ids`` (the collator keeps them)."""
     from datasets import Dataset
 
-    encoded = data_mod.encode_all(tokenizer, data_mod.conversations_of(conversations), d.system_prompt, d.max_length)
-    mixed = [int(isinstance(c, dict) and bool(c.get("mixed_from"))) for c in conversations]
-    for e, c in zip(encoded, conversations):
-        if isinstance(c, dict) and c.get("cut"):  # an answer cut at a token limit: do not learn to stop there
+    conversations = data_mod.conversations_of(rows)
+    documents = [c[0]["content"] for c in conversations if data_mod.is_document(c)]
+    examples = [{**b, "mixed": 0} for b in data_mod.text_blocks(tokenizer, documents, d.max_length)] if documents else []
+    chats = [(r, c) for r, c in zip(rows, conversations) if not data_mod.is_document(c)]
+    encoded = data_mod.encode_all(tokenizer, [c for _, c in chats], d.system_prompt, d.max_length)
+    for e, (row, _) in zip(encoded, chats):
+        if isinstance(row, dict) and row.get("cut"):  # an answer cut at a token limit: do not learn to stop there
             last = max(i for i, label in enumerate(e["labels"]) if label != template.IGNORE_INDEX)
             e["labels"][last] = template.IGNORE_INDEX
-    return Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"], "mixed": m}
-                              for e, m in zip(encoded, mixed)])
+        examples.append({"input_ids": e["input_ids"], "labels": e["labels"],
+                         "position_ids": list(range(len(e["input_ids"]))),
+                         "mixed": int(isinstance(row, dict) and bool(row.get("mixed_from")))})
+    return Dataset.from_list(examples)
 
 
 # -- 3. model -----------------------------------------------------------------------------------
@@ -380,11 +387,15 @@ def _trainer(run, spec, model, tokenizer, train_ds, val_ds, precision):
 
 
 class _Collator(DataCollatorWithFlattening):
-    """Packs a batch into one row (``DataCollatorWithFlattening``) and adds ``mixed``: 1 on every
+    """Packs a batch into one row (``DataCollatorWithFlattening``), with each example's own
+    ``position_ids`` (a raw-text block restarts them where a document starts, so attention stays
+    inside each document; the library's restart only per example), and adds ``mixed``: 1 on every
     token of a mixed-in general row, so the loss knows where the ``mix_kl`` term applies."""
 
     def __call__(self, features, return_tensors=None, separator_id=None):
         batch = super().__call__(features, return_tensors, separator_id)
+        if all("position_ids" in f for f in features):
+            batch["position_ids"] = torch.tensor([[p for f in features for p in f["position_ids"]]])
         flags = [f.get("mixed", 0) for f in features if len(f["input_ids"]) for _ in f["input_ids"]]
         batch["mixed"] = torch.tensor([flags], dtype=torch.bool)
         return batch
