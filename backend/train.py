@@ -49,7 +49,7 @@ import torch
 from transformers import DataCollatorWithFlattening, Trainer, TrainerCallback, set_seed
 
 from . import data as data_mod
-from . import memory, models, template
+from . import memory, models, template, trackers
 from .attention import use_packed_attention
 from .config import RunSpec
 from .runs import COMPLETE_MARK, RunFolder, format_duration
@@ -64,6 +64,7 @@ def train(spec: RunSpec, run_dir: str | Path, resume: bool = False, load_base=No
     checkpoint = _start(run, spec, resume)
     _handle_sigterm()
     try:
+        trackers.check(spec.train.report_to)  # before minutes of data and model loading
         tokenizer = template.setup_chat_template(
             models.load_tokenizer(models.resolve_model(spec.model.model), spec.model.trust_remote_code),
             spec.model.chat_template,
@@ -335,6 +336,7 @@ def _trainer(run, spec, model, tokenizer, train_ds, val_ds, precision):
     from transformers import PrinterCallback, TrainingArguments
 
     t = spec.train
+    trackers.setup(t.report_to)
     early_stop = bool(t.early_stopping_patience) and val_ds is not None
     args = TrainingArguments(
         output_dir=str(run.checkpoints_dir),
@@ -365,7 +367,9 @@ def _trainer(run, spec, model, tokenizer, train_ds, val_ds, precision):
         fp16=precision.mixed == "fp16",
         use_cpu=precision.device == "cpu",
         include_num_input_tokens_seen="non_padding",
-        report_to="none",
+        report_to=t.report_to or "none",
+        run_name=run.path.name,
+        project=trackers.PROJECT,
         disable_tqdm=True,
         dataloader_num_workers=0,
         remove_unused_columns=False,
@@ -383,6 +387,7 @@ def _trainer(run, spec, model, tokenizer, train_ds, val_ds, precision):
         trainer.adalora = True
         trainer.add_callback(AdaLoraCallback())
     trainer.remove_callback(PrinterCallback)  # RunCallback prints one readable line per log
+    trackers.place_tensorboard(trainer, run.path)
     return trainer
 
 

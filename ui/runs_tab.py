@@ -67,10 +67,12 @@ def create_runs_tab(queue):
         ids = [j.run_id for j in access.visible_jobs(queue, service.caller(request))]
         selected = run_id if run_id in ids else (ids[-1] if ids else None)
         detail = show(selected, request)
-        sig = f"{selected}|{hash(detail[0])}|{len(detail[1]) if detail[1] is not None else 0}|{hash(detail[2])}"
-        if sig == shown:
-            detail = (gr.skip(), gr.skip(), gr.skip())
-        return (table(request), gr.Dropdown(choices=ids, value=selected), *detail, sig)
+        sig = (f"{selected}|{hash(detail[0])}|{len(detail[1]) if detail[1] is not None else 0}|{hash(detail[2])}"
+               f"|{hash(tuple(ids))}")
+        picked = gr.Dropdown(choices=ids)  # the runs to compare: offered from the same list
+        if sig == shown:  # nothing new: an update would redraw the plot and close an open run list
+            detail, picked = (gr.skip(), gr.skip(), gr.skip()), gr.skip()
+        return (table(request), gr.Dropdown(choices=ids, value=selected), *detail, sig, picked)
 
     def act(action, run_id, request: gr.Request):
         if run_id:
@@ -94,7 +96,15 @@ def create_runs_tab(queue):
     curve = gr.LinePlot(x="step", y="loss", color="kind", label=t("loss"), height=300)
     log = gr.Textbox(label=t("log"), lines=10, max_lines=10)
     shown = gr.State("")
-    outputs = [jobs, run_id, detail, curve, log, shown]
+    with gr.Accordion(t("compare"), open=False):
+        picked = gr.Dropdown([], multiselect=True, allow_custom_value=True, label=t("compare_runs"))
+        compare = gr.Button(t("compare"))
+        with gr.Row():
+            curves = gr.LinePlot(x="step", y="loss", color="line", label=t("loss"), height=320, scale=2)
+            settings_table = gr.Dataframe(headers=["run", "state", *service.COMPARE_SETTINGS], interactive=False,
+                                          scale=1)
+        compare_result = gr.JSON(visible=False)  # the series as numbers, for API clients
+    outputs = [jobs, run_id, detail, curve, log, shown, picked]
     timer = gr.Timer(2.0)
     # off the queue: a page's polling keeps answering while playground requests fill the queue's bound
     timer.tick(refresh, [run_id, shown], outputs, api_visibility="private", show_progress="hidden", queue=False)
@@ -117,6 +127,17 @@ def create_runs_tab(queue):
         except ValueError as exc:
             raise error(exc)
 
+    def do_compare(run_ids, request: gr.Request):
+        """Train and eval loss of each picked run on one plot, and their key settings."""
+        ids = list(dict.fromkeys(run_ids or []))
+        if not ids:
+            raise gr.Error("pick runs to compare")
+        result = service.compare_runs({r: job_of(queue, r, request).run_dir for r in ids})
+        frame = pd.DataFrame(result["series"], columns=["run", "step", "loss", "kind"])
+        frame["line"] = frame["run"] + " " + frame["kind"]
+        return frame, pd.DataFrame(result["settings"]), result
+
+    compare.click(do_compare, [picked], [curves, settings_table, compare_result], api_name="compare")
     download.click(do_download, [run_id], [archive], api_name="download")
     cancel.click(do_cancel, [run_id], outputs, api_name="cancel")
     resume.click(do_resume, [run_id], outputs, api_name="resume")
