@@ -197,3 +197,35 @@ def test_submit_takes_a_config_mapping_and_names_unknown_keys(queue, tmp_path, m
     assert "Queued" in submit(nobody, stored, None, {"method": "qlora", "learning_rate": 1e-4, "r": 4})
     spec = queue.list()[-1].run.spec()
     assert spec.model.method == "qlora" and spec.train.learning_rate == 1e-4 and spec.lora.r == 4
+
+
+def test_compare_endpoint_returns_every_picked_runs_loss_series(queue):
+    from conftest import completed_job
+    from gradio_client import Client
+
+    import app
+    from backend.presets import build_spec
+
+    runs = {}
+    for lr in (1e-4, 1e-3):
+        job = completed_job(queue, build_spec({"method": "lora", "learning_rate": lr}), train=False)
+        for step in (1, 2, 3):
+            job.run.append_metrics({"step": step, "loss": lr * 1000 / step})
+        job.run.append_metrics({"step": 3, "eval_loss": lr * 500})
+        runs[job.run_id] = lr
+    port = free_port()
+    demo = app.build_ui(queue)
+    app.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        plot, table, result = client.predict(list(runs), api_name="/compare")
+    finally:
+        demo.close()
+    for run_id, lr in runs.items():
+        mine = [p for p in result["series"] if p["run"] == run_id]
+        assert [(p["step"], p["loss"], p["kind"]) for p in mine] == [
+            (1, lr * 1000, "train"), (2, lr * 500, "train"), (3, pytest.approx(lr * 1000 / 3), "train"),
+            (3, lr * 500, "eval")]
+    assert [(row["run"], row["learning_rate"], row["method"]) for row in result["settings"]] == [
+        (r, lr, "lora") for r, lr in runs.items()]
+    assert len(table["data"]) == 2 and len(plot["data"]) == 8  # the plot holds both runs' 4 points
