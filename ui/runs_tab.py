@@ -100,7 +100,8 @@ def create_runs_tab(queue):
         picked = gr.Dropdown([], multiselect=True, allow_custom_value=True, label=t("compare_runs"))
         compare = gr.Button(t("compare"))
         with gr.Row():
-            curves = gr.LinePlot(x="step", y="loss", color="line", label=t("loss"), height=320, scale=2)
+            curves = gr.LinePlot(x="step", y="loss", color="line", label=t("loss"), height=320, scale=1,
+                                 elem_id="compare-plot")
             settings_table = gr.Dataframe(headers=["run", "state", *service.COMPARE_SETTINGS], interactive=False,
                                           scale=1)
         compare_result = gr.JSON(visible=False)  # the series as numbers, for API clients
