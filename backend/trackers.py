@@ -68,3 +68,23 @@ def place_tensorboard(trainer, run_dir) -> None:
     for callback in trainer.callback_handler.callbacks:
         if type(callback).__name__ == "TensorBoardCallback":
             callback.logging_dir = str(tensorboard_dir(run_dir))
+
+
+_dashboard: dict = {}  # the one Trackio dashboard this process serves: {"url", "seconds"}
+
+
+def trackio_dashboard() -> dict:
+    """Start Trackio's dashboard (every run logged with report_to trackio) on this machine, once and
+    only when asked, so the app's own start pays nothing for it; returns ``{"url", "seconds"}`` (the
+    time its start took). The address is the machine's own (127.0.0.1): reachable from this machine."""
+    if not _dashboard:
+        check(["trackio"])
+        setup(["trackio"])
+        import time
+
+        t0 = time.perf_counter()
+        import trackio
+
+        _, url, _, _ = trackio.show(project=PROJECT, open_browser=False, block_thread=False)
+        _dashboard.update(url=f"{url.rstrip('/')}/?project={PROJECT}", seconds=round(time.perf_counter() - t0, 2))
+    return dict(_dashboard)

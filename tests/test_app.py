@@ -34,6 +34,15 @@ def test_build_ui_and_data_handler(queue, tmp_path, monkeypatch):
     assert not Path(stored).exists()  # a rejected upload is not kept
 
 
+def test_data_tab_shows_raw_text_as_documents_tokens_and_blocks(tmp_path, monkeypatch):
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path))
+    from ui.data_tab import check_dataset
+
+    summary, sample, *_ = check_dataset(str(FIXTURES / "docs.txt"), "auto", "", "Be brief.", 8)
+    assert "3 documents" in summary and "blocks of 8 tokens" in summary and "split into documents at blank lines" in summary
+    assert "<mark" in sample and "Be brief" not in sample and "im_start" not in sample  # one block, no template
+
+
 def test_cli_command_round_trips_to_the_same_spec(tmp_path):
     import shlex
 

@@ -17,6 +17,7 @@ LABELS = {
     "sampling": ("System prompt and sampling", "系统提示词与采样"),
     "blind": ("Blind A/B: hide which side is which, then vote", "盲测 A/B：隐藏模型身份后投票"),
     "compare": ("Compare runs", "对比运行"),
+    "trackio": ("Trackio dashboard", "Trackio 仪表盘"),
     "compare_runs": ("Runs to compare (train and eval loss on one plot, key settings beside it)",
                      "要对比的运行（训练与验证损失同图显示，旁列关键设置）"),
     "completion": ("Completion", "续写模式"),

@@ -3,7 +3,7 @@
 import gradio as gr
 import pandas as pd
 
-from backend import access, service
+from backend import access, service, trackers
 from backend.runs import format_duration
 
 from .common import error, job_of
@@ -105,6 +105,9 @@ def create_runs_tab(queue):
             settings_table = gr.Dataframe(headers=["run", "state", *service.COMPARE_SETTINGS], interactive=False,
                                           scale=1)
         compare_result = gr.JSON(visible=False)  # the series as numbers, for API clients
+        with gr.Row():
+            dashboard = gr.Button(t("trackio"), scale=0)
+            dashboard_link = gr.Markdown()
     outputs = [jobs, run_id, detail, curve, log, shown, picked]
     timer = gr.Timer(2.0)
     # off the queue: a page's polling keeps answering while playground requests fill the queue's bound
@@ -127,6 +130,18 @@ def create_runs_tab(queue):
             return service.archive(job_of(queue, run_id, request).run_dir)
         except ValueError as exc:
             raise error(exc)
+
+    def do_dashboard(request: gr.Request):
+        """A link to Trackio's dashboard; it shows every user's runs, so it is the admin's only."""
+        if not service.caller(request).admin:
+            return "Trackio's dashboard shows every user's runs: only the admin opens it."
+        try:
+            board = trackers.trackio_dashboard()
+        except trackers.TrackerError as exc:
+            return str(exc)
+        return f"[Trackio dashboard]({board['url']}) (runs trained with report_to trackio; started in {board['seconds']} s)"
+
+    dashboard.click(do_dashboard, None, [dashboard_link], api_visibility="private")
 
     def do_compare(run_ids, request: gr.Request):
         """Train and eval loss of each picked run on one plot, and their key settings."""
