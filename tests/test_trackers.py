@@ -42,7 +42,9 @@ def test_tensorboard_and_trackio_hold_the_loss_scalars_of_metrics_jsonl(tmp_path
     out = subprocess.run([sys.executable, "-c", read], env=dict(env, TRACKIO_DIR=str(home / "trackio")),
                          capture_output=True, text=True, check=True, timeout=120).stdout
     logs = json.loads(out.strip().splitlines()[-1])
-    assert {r["step"]: r["train/loss"] for r in logs if "train/loss" in r} == pytest.approx(losses)
+    # the Trainer's step is the metric train/global_step (Trackio numbers its own log calls)
+    assert {r["train/global_step"]: r["train/loss"] for r in logs if "train/loss" in r} == pytest.approx(losses)
+    assert {r["train/global_step"]: r["eval/loss"] for r in logs if "eval/loss" in r} == pytest.approx(eval_losses)
     assert (home / "trackio").is_dir()  # under STUDIO_HOME, not the user's cache
 
 
