@@ -10,7 +10,9 @@ Flow (each step is a function below, in this order):
    default the base model's own answers to shipped prompts, ``backend.replay``; marked
    ``mixed_from``), and save the split actually used to ``data/`` (a resumed run reads it back from there). Each conversation is
    rendered with the run's chat template and system prompt and tokenized with labels on the
-   assistant turns only (``backend.template.encode``).
+   assistant turns only (``backend.template.encode``); raw-text documents are continued
+   pretraining instead: no template, packed into blocks of ``max_length`` with every token learned
+   (``backend.data.text_blocks``).
 3. ``_setup_model``: load the base for the method (``backend.models.load_base``: 4-bit NF4 for
    qlora, 16-bit for lora, fp32 master weights for full; fp32 compute on CPU) and, for qlora/lora,
    wrap it with a peft LoRA adapter. This is the only place the method matters. Attention on

@@ -53,8 +53,8 @@ def check_dataset(file, fmt, mapping, system_prompt, max_length, request: gr.Req
                  f"tokens per row: min {lengths['min']}, median {lengths['p50']}, p95 {lengths['p95']}, "
                  f"max {lengths['max']}; {s['truncated']} longer than {int(max_length)} (truncated, not dropped)"]
     lines += [f"note: {n}" for n in s.get("notes", [])]
-    return ("\n\n".join(lines), highlight(s["sample"]), pd.DataFrame(s["length_histogram"]), stored,
-            lengths["p95"])
+    row_tokens = min(s["block_length"], s["tokens"]) if s["format"] == "text" else lengths["p95"]  # a packed block
+    return "\n\n".join(lines), highlight(s["sample"]), pd.DataFrame(s["length_histogram"]), stored, row_tokens
 
 
 def create_data_tab():
