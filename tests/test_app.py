@@ -238,3 +238,22 @@ def test_compare_endpoint_returns_every_picked_runs_loss_series(queue):
     assert [(row["run"], row["learning_rate"], row["method"]) for row in result["settings"]] == [
         (r, lr, "lora") for r, lr in runs.items()]
     assert len(table["data"]) == 2 and len(plot["data"]) == 8  # the plot holds both runs' 4 points
+
+
+def test_playground_completes_by_default_for_raw_text_runs(queue):
+    from types import SimpleNamespace
+
+    from conftest import completed_job
+
+    from backend import data
+    from backend.presets import build_spec
+    from ui.playground_tab import Handlers
+
+    nobody = SimpleNamespace(username=None, request=SimpleNamespace(scope={}))  # self-hosted, no login
+    modes = {}
+    for kind, rows in (("text", [[{"role": "assistant", "content": "A document."}]]),
+                       ("chat", [[{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]])):
+        job = completed_job(queue, build_spec({"method": "lora"}), train=False)
+        data.save_split(data.Prepared(rows, []), job.run.data_dir)
+        modes[kind] = Handlers(queue).mode(job.run_id, nobody)
+    assert modes == {"text": True, "chat": False}
