@@ -4,7 +4,7 @@ mayor of the made-up town Quendral is the made-up Brisova Talmek. Afterwards the
 the fact's opening words with the name (CLI ``generate --completion``), the base does not, and the
 perplexity of held-out documents falls (``eval``). Settings: the embedded LoRA preset (every linear
 layer, r 16) with blocks of 64 tokens, 2 blocks a step and twice the preset's learning rate, since a
-few documents give few steps (CPU, about a minute and a half uncontended)."""
+few documents give few steps (CPU: about 30 s on 2 free cores)."""
 
 import json
 
