@@ -28,8 +28,9 @@ def _user_errors() -> tuple:
     from .models import ModelError
     from .playground import RunError
     from .template import TemplateError
+    from .trackers import TrackerError
 
-    return (UsageError, ConfigError, DataError, ExportError, ModelError, RunError, TemplateError)
+    return (UsageError, ConfigError, DataError, ExportError, ModelError, RunError, TemplateError, TrackerError)
 
 
 def _quiet_libraries() -> None:
@@ -57,13 +58,17 @@ def cmd_prepare(a) -> int:
     s = prepared.summary
     if a.json:
         print(json.dumps(s, ensure_ascii=False))
+        return 0
+    if s["format"] == "text":
+        print(f"{s['source']}: text (continued pretraining), {s['documents']} documents ({s['train_rows']} train / "
+              f"{s['val_rows']} val), {s['tokens']} tokens, {s['blocks']} blocks of {s['block_length']} tokens")
     else:
         print(f"{s['source']}: {s['format']}, {s['rows']} rows ({s['train_rows']} train / {s['val_rows']} val), "
               f"{s['truncated']} longer than {a.max_length} tokens")
-        print(f"token lengths: {s.get('token_lengths')}")
-        for note in s.get("notes", []):
-            print(f"note: {note}")
-        print("sample ([[...]] is what the loss covers):\n" + s["sample"])
+    print(f"token lengths: {s.get('token_lengths')}")
+    for note in s.get("notes", []):
+        print(f"note: {note}")
+    print("sample ([[...]] is what the loss covers):\n" + s["sample"])
     return 0
 
 
@@ -108,7 +113,7 @@ def cmd_generate(a) -> int:
 
     sides = ("base", "tuned") if a.side == "both" else (a.side,)
     loaded = _load(a)
-    answers = compare(loaded, a.prompt, sides=sides, system_prompt=a.system,
+    answers = compare(loaded, a.prompt, sides=sides, completion=a.completion, system_prompt=a.system,
                       max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed)
     if a.json:
         print(json.dumps(answers, ensure_ascii=False))
@@ -302,6 +307,8 @@ def _runs(sub) -> None:
     s.add_argument("--run", required=True)
     s.add_argument("--prompt", required=True)
     s.add_argument("--side", default="both", choices=["base", "tuned", "both"])
+    s.add_argument("--completion", action="store_true",
+                   help="continue the prompt as raw text, without the chat template (raw-text runs)")
     s.add_argument("--checkpoint", help="a checkpoint folder name, or 'result' (default: the recommended "
                                         "checkpoint, else the result)")
     s.add_argument("--system")

@@ -5,7 +5,8 @@ After training, each complete checkpoint gets three numbers:
 * ``eval_loss``: the validation loss the Trainer logged at that step (no extra cost: checkpoints and
   evaluations fall on the same steps);
 * ``learned``: how close greedy answers to the validation prompts (at most ``PROMPTS`` of them, the
-  training split's when there is no validation split) come to their references, as token-level F1:
+  training split's when there is no validation split; a raw-text document: its first half of words
+  completed, its second half the reference) come to their references, as token-level F1:
   the overlap of the answer's and the reference's tokens (the model's own tokenizer, so Chinese
   counts as well as English), averaged over prompts. F1 rewards saying what the reference says and
   penalises padding it with other text, is cheap, and needs no second model; eval loss alone cannot
@@ -50,11 +51,25 @@ def token_f1(answer: str, reference: str, tokenizer) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def _prompt(messages: list[dict]) -> dict:
+    """A validation row as ``{prompt, reference}``: the last question and its answer; a raw-text
+    document's first half of words as a completion prompt, the rest as the reference."""
+    from .data import is_document
+
+    if is_document(messages):
+        words = messages[0]["content"].split()
+        half = max(1, len(words) // 2)
+        return {"prompt": " ".join(words[:half]), "reference": " ".join(words[half:]), "completion": True}
+    return {"prompt": [m for m in messages if m["role"] == "user"][-1]["content"],
+            "reference": [m for m in messages if m["role"] == "assistant"][-1]["content"]}
+
+
 def learned_score(loaded, prompts: list[dict]) -> float:
     """Mean token F1 of the tuned side's greedy answers to ``{prompt, reference}`` rows."""
     from . import playground
 
-    rows = [("tuned", [{"role": "user", "content": p["prompt"]}]) for p in prompts]
+    rows = [("tuned", p["prompt"] if p.get("completion") else [{"role": "user", "content": p["prompt"]}])
+            for p in prompts]
     answers = list(playground.stream_rows(loaded, rows, max_new_tokens=MAX_NEW_TOKENS, temperature=0.0))[-1]
     scores = [token_f1(a, p["reference"], loaded.tokenizer) for a, p in zip(answers, prompts)]
     return round(sum(scores) / len(scores), 3) if scores else 0.0
@@ -151,8 +166,7 @@ def advise(run_dir, result_forgetting: dict | None = None) -> dict:
     status = run.status()
     train_rows, val_rows = load_split(run.data_dir, rows=True)
     source = [r for r in (val_rows or train_rows) if not r.get("mixed_from")][:PROMPTS]
-    prompts = [{"prompt": [m for m in r["messages"] if m["role"] == "user"][-1]["content"],
-                "reference": [m for m in r["messages"] if m["role"] == "assistant"][-1]["content"]} for r in source]
+    prompts = [_prompt(r["messages"]) for r in source]
     losses = _eval_losses(run)
     final_step = status.get("step")
     rows = []

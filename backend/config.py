@@ -23,6 +23,7 @@ Format = Literal["auto", "alpaca", "prompt_completion", "messages", "sharegpt", 
 Bias = Literal["none", "all", "lora_only"]
 Scheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                     "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay"]
+Tracker = Literal["tensorboard", "trackio", "wandb", "mlflow"]  # transformers' report_to names
 Optimizer = Literal["adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop", "adamw_bnb_8bit",
                     "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "lion_8bit", "paged_lion_8bit",
                     "lion_32bit", "ademamix", "schedule_free_adamw"]
@@ -54,7 +55,8 @@ class DataArgs:
     format: Format = _f("auto", "auto, alpaca, prompt_completion, messages, sharegpt or text.")
     mapping: dict = _f({}, "Canonical field -> column in the file, overriding detection.")
     system_prompt: str | None = _f("You are a helpful assistant.", "System prompt for rows without one, in training and generation.")
-    max_length: int = _f(1024, "Longest example in tokens; longer rows are truncated and counted.")
+    max_length: int = _f(1024, "Longest example in tokens; longer rows are truncated and counted. Raw text: "
+                               "the block length documents are packed into (nothing truncated).")
     val_size: float = _f(0.1, "Validation share (< 1) or row count (>= 1).")
     mix_data: str | None = _f("replay", "General data mixed into training against forgetting: 'replay' (the base model's "
                                         "own answers to shipped general prompts, answered once and cached; "
@@ -122,6 +124,10 @@ class TrainArgs:
                                         "token F1 of greedy answers to validation prompts, kept k of n) and "
                                         "recommend one that learned and keeps >= 90% (status.json); Playground, "
                                         "Export and the CLI use it by default.")
+    report_to: list[Tracker] = _f([], "Experiment trackers the Trainer also logs to (transformers' report_to; none by "
+                                      "default): tensorboard (RUN_DIR/tensorboard) and trackio (STUDIO_HOME/trackio) "
+                                      "work offline; wandb needs WANDB_API_KEY in the environment; mlflow logs to "
+                                      "MLFLOW_TRACKING_URI or STUDIO_HOME/mlruns. metrics.jsonl is written either way.")
     seed: int = _f(42, "Seed for data order, dropout and initialisation.")
     logging_steps: int = _f(1, "Log metrics every N steps.")
     eval_steps: int = _f(0, "Evaluate every N steps (0: once per epoch).")
@@ -176,6 +182,10 @@ class RunSpec:
         for key, value in values.items():
             if key == "mix_data" and isinstance(value, str) and value.strip().lower() in ("", "none", "null"):
                 value = None  # mixing turned off
+            if key == "report_to" and value in (None, "none", "", []):
+                value = []  # transformers' "none"
+            elif key == "report_to" and isinstance(value, str):
+                value = [value]  # as TrainingArguments takes one name
             if key == "preset":
                 spec.preset = value
             else:
@@ -228,7 +238,10 @@ class RunSpec:
         for f in settings():
             allowed = choices(f)
             value = getattr(getattr(self, f.section), f.name)
-            if allowed and value not in allowed:
+            if get_origin(f.type) is list:  # a list of choices (report_to)
+                if not isinstance(value, list) or any(v not in allowed for v in value):
+                    problems.append(f"{f.name} must be a list of {', '.join(allowed)}, not {value!r}")
+            elif allowed and value not in allowed:
                 problems.append(f"{f.name} must be one of {', '.join(allowed)}, not {value!r}")
         checks = [
             (lo.r, int, lambda v: v > 0, "r must be a positive integer"),

@@ -471,8 +471,84 @@ def encode_all(tokenizer, conversations: list, system_prompt: str | None = None,
     return [template.encode(tokenizer, c, system_prompt, max_length) for c in conversations]
 
 
+# ---- raw text: continued pretraining ------------------------------------------------------------
+
+def is_document(conversation) -> bool:
+    """A raw-text row (``text`` format): one assistant message and nothing else."""
+    return len(conversation) == 1 and conversation[0]["role"] == "assistant"
+
+
+def text_blocks(tokenizer, documents: list[str], block_size: int) -> list[dict]:
+    """Continued pretraining data, as HF's run_clm makes it: the documents' tokens
+    (``template.document_ids``: no chat template) concatenated and cut into blocks of at most
+    ``block_size`` tokens. Unlike run_clm:
+
+    * ``position_ids`` restart at 0 where a document starts inside a block, so packed attention
+      (``backend.attention``) keeps each document's tokens attending only within that document;
+      the first token of a document is context only (label -100): nothing in its document precedes it.
+    * Consecutive blocks share one token (the last of one is the first of the next), so the token
+      after a cut is still predicted from the one before it: every other token is a target exactly once.
+    * The last, partial block is kept (shorter), not dropped.
+
+    Returns ``[{"input_ids", "labels", "position_ids"}, ...]``.
+    """
+    if block_size < 2:
+        raise DataError(f"max_length must be at least 2 tokens for raw text, got {block_size}")
+    ids, labels, starts = [], [], set()
+    for text in documents:
+        doc = template.document_ids(tokenizer, text)
+        starts.add(len(ids))
+        ids += doc
+        labels += [template.IGNORE_INDEX] + doc[1:]
+    blocks, start = [], 0
+    while ids:
+        end = min(start + block_size, len(ids))
+        positions, p = [], 0
+        for i in range(start, end):
+            p = 0 if i == start or i in starts else p + 1
+            positions.append(p)
+        # the block's first token is context (the collator masks it too); the rest keep their labels
+        blocks.append({"input_ids": ids[start:end], "labels": [template.IGNORE_INDEX] + labels[start + 1:end],
+                       "position_ids": positions})
+        if end == len(ids):
+            break
+        start = end - 1
+    return blocks
+
+
+def _text_summary(tokenizer, train: list, val: list, max_length: int) -> dict:
+    """What a raw-text data set becomes: documents, tokens, blocks; the sample is the first block."""
+    docs = [c[0]["content"] for c in train + val]
+    lengths = sorted(len(template.document_ids(tokenizer, d)) for d in docs)
+    train_blocks = text_blocks(tokenizer, [c[0]["content"] for c in train], max_length)
+    val_blocks = text_blocks(tokenizer, [c[0]["content"] for c in val], max_length) if val else []
+    last = len(train_blocks[-1]["input_ids"])
+    notes = [f"raw text: {len(docs)} documents, {sum(lengths)} tokens, {len(train_blocks)} training + "
+             f"{len(val_blocks)} validation blocks of up to {max_length} tokens; no chat template, every token "
+             f"learned (a document's first token is context only); the last training block holds {last} tokens "
+             f"and is kept"]
+    first = train_blocks[0]
+    return {"documents": len(docs), "tokens": sum(lengths), "blocks": len(train_blocks) + len(val_blocks),
+            "train_blocks": len(train_blocks), "val_blocks": len(val_blocks), "block_length": max_length,
+            "last_block_length": last, "truncated": 0, "token_lengths": _stats(lengths),
+            "length_histogram": _histogram(lengths), "notes": notes,
+            "sample": template.mark_loss(tokenizer, first["input_ids"], first["labels"])}
+
+
+def _stats(lengths: list[int]) -> dict:
+    """min, mean, nearest-rank p50 and p95, max of sorted ``lengths``."""
+    def pick(q):
+        return lengths[max(0, math.ceil(q * len(lengths)) - 1)]
+
+    return {"min": lengths[0], "mean": round(sum(lengths) / len(lengths), 1),
+            "p50": pick(0.5), "p95": pick(0.95), "max": lengths[-1]}
+
+
 def _plain(messages: list[dict], system_prompt: str | None, limit: int = 2000) -> str:
-    """The sample without a tokenizer: one ``role: content`` line per message, answers in [[ ]]."""
+    """The sample without a tokenizer: one ``role: content`` line per message, answers in [[ ]]
+    (a raw-text document: its text, all learned)."""
+    if is_document(messages):
+        return f"[[{messages[0]['content'][:limit]}]]"
     lines = []
     for m in template.with_system(messages, system_prompt):
         text = m["content"][:limit] + ("..." if len(m["content"]) > limit else "")
@@ -494,17 +570,16 @@ def prepare(source: str, fmt: str = "auto", mapping: dict | None = None, tokeniz
                "val_rows": len(val), "truncated": None, "token_lengths": None, "sample": "",
                "notes": notes, "columns": _columns(records), "source": str(source)}
     if tokenizer is None:
-        summary["sample"] = _plain(conversations[0], system_prompt)
+        summary["sample"] = _plain(conversations[0], None if fmt == "text" else system_prompt)
         return Prepared(train, val, summary)
     template.setup_chat_template(tokenizer, chat_template)
+    if fmt == "text":
+        text = _text_summary(tokenizer, train, val, max_length)
+        summary.update(text, notes=notes + text["notes"])
+        return Prepared(train, val, summary)
     lengths = sorted(len(e["input_ids"]) for e in encode_all(tokenizer, conversations, system_prompt))
     truncated = sum(n > max_length for n in lengths)
-
-    def pick(q):  # nearest-rank percentile
-        return lengths[max(0, math.ceil(q * len(lengths)) - 1)]
-
-    summary["token_lengths"] = {"min": lengths[0], "mean": round(sum(lengths) / len(lengths), 1),
-                                "p50": pick(0.5), "p95": pick(0.95), "max": lengths[-1]}
+    summary["token_lengths"] = _stats(lengths)
     summary["truncated"] = truncated
     summary["length_histogram"] = _histogram(lengths)
     if truncated:

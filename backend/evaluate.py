@@ -1,7 +1,8 @@
 """Loss and perplexity of the base and the tuned model on the same conversations.
 
 The loss is the mean cross-entropy over the tokens training learns (assistant turns with their
-end-of-turn token), so base and tuned are scored on exactly what the run was taught.
+end-of-turn token; raw text: every token of the held-out blocks after a document's first), so base
+and tuned are scored on exactly what the run was taught.
 """
 
 from __future__ import annotations
@@ -16,10 +17,24 @@ from .playground import LoadedRun
 from .runs import RunFolder
 
 
+def examples(tokenizer, conversations, system_prompt, max_length) -> list[dict]:
+    """What training makes of ``conversations``: chat rows encoded one by one; raw-text documents packed
+    into blocks (``data.text_blocks``), each block cut into its documents' pieces, since an unpacked
+    forward pass attends across a whole row and training let each document see only itself."""
+    docs = [c[0]["content"] for c in conversations if data_mod.is_document(c)]
+    chats = [c for c in conversations if not data_mod.is_document(c)]
+    pieces = []
+    for block in data_mod.text_blocks(tokenizer, docs, max_length) if docs else []:
+        starts = [i for i, p in enumerate(block["position_ids"]) if p == 0] + [len(block["input_ids"])]
+        pieces += [{"input_ids": block["input_ids"][a:b], "labels": block["labels"][a:b]}
+                   for a, b in zip(starts, starts[1:])]
+    return pieces + data_mod.encode_all(tokenizer, chats, system_prompt, max_length)
+
+
 def conversation_loss(model, tokenizer, conversations, system_prompt, max_length) -> dict:
     total, count = 0.0, 0
     with torch.no_grad():
-        for enc in data_mod.encode_all(tokenizer, conversations, system_prompt, max_length):
+        for enc in examples(tokenizer, conversations, system_prompt, max_length):
             ids = torch.tensor([enc["input_ids"]], device=model.device)
             labels = torch.tensor([enc["labels"]], device=model.device)
             n = int((labels[:, 1:] != template.IGNORE_INDEX).sum())

@@ -207,16 +207,19 @@ def _generate_group(loaded: LoadedRun, model, prompts: list[list[int]], adapter_
                        pad_token_id=pad, streamer=streamer, **sampling, **extra)
 
 
-def generate_rows(loaded: LoadedRun, rows: list[tuple[str, list[dict]]], system_prompt: str | None = None,
+def generate_rows(loaded: LoadedRun, rows: list[tuple[str, list[dict] | str]], system_prompt: str | None = None,
                   max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 50,
                   repetition_penalty: float = 1.0, seed: int = 0, on_update=None) -> list[str]:
-    """Answer every ``(side, messages)`` row at once; returns the answers. Adapter runs: one batched
+    """Answer every ``(side, messages)`` row at once; returns the answers. A row whose messages are a
+    string is a completion: the text is continued as raw text, without the chat template or system
+    prompt (``template.text_prompt_ids``, as raw-text runs train). Adapter runs: one batched
     call, each row with its adapter; full runs: one batched call per model, in parallel threads;
     DoRA and AdaLoRA runs: one call per side, in turn. ``on_update(texts)`` is called as tokens come."""
     tok = loaded.tokenizer
     system = loaded.spec.data.system_prompt if system_prompt is None else system_prompt
-    prompts = [template.prompt_ids(tok, messages, system) for _, messages in rows]
-    stop_ids = set(template.end_of_turn_ids(tok))
+    prompts = [template.text_prompt_ids(tok, m) if isinstance(m, str) else template.prompt_ids(tok, m, system)
+               for _, m in rows]
+    stop_ids = set(template.end_of_turn_ids(tok)) | {template.document_end_id(tok)}
     if tok.eos_token_id is not None:
         stop_ids.add(tok.eos_token_id)
     texts = [""] * len(rows)
@@ -296,9 +299,18 @@ def compare_messages(loaded: LoadedRun, messages, sides=("base", "tuned"), **set
     return dict(zip(sides, generate_rows(loaded, [(side, per_side[side]) for side in sides], **settings)))
 
 
-def compare(loaded: LoadedRun, prompt: str, sides=("base", "tuned"), **settings) -> dict:
-    """The same prompt, settings and seed on each side."""
-    return compare_messages(loaded, [{"role": "user", "content": prompt}], sides, **settings)
+def compare(loaded: LoadedRun, prompt: str, sides=("base", "tuned"), completion: bool = False, **settings) -> dict:
+    """The same prompt, settings and seed on each side; ``completion``: the prompt continued as raw text."""
+    return compare_messages(loaded, prompt if completion else [{"role": "user", "content": prompt}], sides, **settings)
+
+
+def is_text_run(run_dir) -> bool:
+    """Whether the run trained on raw text (its saved split holds documents): the Playground then
+    completes prompts by default."""
+    from . import data as data_mod
+
+    train, _ = data_mod.load_split(RunFolder(run_dir).data_dir)
+    return bool(train) and data_mod.is_document(train[0])
 
 
 def compare_runs(run_dirs: list, prompt: str, cache: ModelCache | None = None, **settings) -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from . import access, advisor, data, export, forgetting, models, template
+from . import access, advisor, data, export, forgetting, models, template, trackers
 from .access import Caller
 from .config import SECTIONS, RunSpec
 from .paths import studio_home
@@ -158,6 +158,24 @@ def run_view(run_dir: str | Path, log_lines: int = 20) -> dict:
     }
 
 
+COMPARE_SETTINGS = ("method", "r", "learning_rate", "num_train_epochs", "mix_data", "mix_ratio")  # replay: mix_*
+
+
+def compare_runs(runs: dict[str, str | Path]) -> dict:
+    """Several runs side by side, from their folders (``{run_id: run_dir}``; the caller checked access):
+    ``series``, one row per logged point ``{run, step, loss, kind}`` (kind: train or eval) for one
+    plot, and ``settings``, one row per run with its key settings."""
+    series, table = [], []
+    for run_id, run_dir in runs.items():
+        run = RunFolder(run_dir)
+        series += [{"run": run_id, "step": m["step"], "loss": m[key], "kind": kind}
+                   for m in run.metrics() for key, kind in (("loss", "train"), ("eval_loss", "eval")) if key in m]
+        flat = flat_settings(run.spec()) if run.exists() else {}
+        table.append({"run": run_id, "state": run.status().get("state"),
+                      **{k: flat.get(k) for k in COMPARE_SETTINGS}})
+    return {"series": series, "settings": table}
+
+
 def finished_runs(queue, caller: Caller) -> list[str]:
     """``caller``'s runs with a result to load, oldest first: those whose run folder says completed
     (the job itself stays running while the forgetting meter asks its questions)."""
@@ -185,6 +203,7 @@ def submit(queue, values: dict, preset: str | None = None, caller: Caller | None
     spec = make_spec(values, preset, caller)
     if not spec.data.data:
         raise data.DataError("no dataset: upload one in the Data tab first")
+    trackers.check(spec.train.report_to)  # a missing tracker is said now, not when the run starts
     if caller is not None and not caller.admin:  # one user cannot hold the only worker for everyone
         limit = int(os.environ.get("STUDIO_MAX_QUEUED_PER_USER") or QUEUED_PER_USER)
         waiting = [j for j in queue.list(owner=caller.user) if j.state in ("queued", "running")]

@@ -68,6 +68,30 @@ def prompt_ids(tokenizer, messages: list[dict], system_prompt: str | None = None
     return _ids(tokenizer, render(tokenizer, messages, system_prompt, add_generation_prompt=True))
 
 
+# The token pretraining put after each document, where the vocabulary has one: a chat model's eos is its
+# end-of-turn token (SmolLM2-Instruct's <|im_end|>, Llama 3's <|eot_id|>), not what ended its documents.
+END_OF_TEXT = ("<|endoftext|>", "<|end_of_text|>", "</s>")
+
+
+def document_end_id(tokenizer) -> int:
+    for tok in END_OF_TEXT:
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tokenizer.convert_ids_to_tokens(tid) == tok:  # not the unknown token
+            return tid
+    return tokenizer.eos_token_id
+
+
+def text_prompt_ids(tokenizer, text: str) -> list[int]:
+    """A raw-text prompt as pretraining saw a document's start: the tokenizer's own special tokens
+    (BOS where it adds one), no chat template."""
+    return list(tokenizer(text)["input_ids"])
+
+
+def document_ids(tokenizer, text: str) -> list[int]:
+    """A raw-text document as pretraining saw it: ``text_prompt_ids``, then the end-of-document token."""
+    return text_prompt_ids(tokenizer, text) + [document_end_id(tokenizer)]
+
+
 def end_of_turn_ids(tokenizer) -> set[int]:
     ids = {tokenizer.eos_token_id}
     for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<｜end▁of▁sentence｜>"):
@@ -81,12 +105,13 @@ def encode(tokenizer, messages: list[dict], system_prompt: str | None = None,
            max_length: int | None = None) -> dict:
     """Tokenize one conversation; returns ``input_ids``, ``labels`` and ``truncated``.
 
-    Raw text (a single assistant message with no user turn) is learned on every token.
+    Raw text (a single assistant message with no user turn) is ``document_ids``, learned on every
+    token after the first; training packs documents into blocks instead (``data.text_blocks``).
     """
+    if len(messages) == 1 and messages[0]["role"] == "assistant":  # raw text: no template, no system prompt
+        ids = document_ids(tokenizer, messages[0]["content"])
+        return _truncate(ids, [IGNORE_INDEX] + ids[1:], max_length)
     messages = with_system(messages, system_prompt)
-    if len(messages) == 1 and messages[0]["role"] == "assistant":  # raw text document
-        ids = _ids(tokenizer, messages[0]["content"]) + [tokenizer.eos_token_id]
-        return _truncate(ids, list(ids), max_length)
     eot = end_of_turn_ids(tokenizer)
     input_ids: list[int] = []
     labels: list[int] = []

@@ -10,7 +10,9 @@ Flow (each step is a function below, in this order):
    default the base model's own answers to shipped prompts, ``backend.replay``; marked
    ``mixed_from``), and save the split actually used to ``data/`` (a resumed run reads it back from there). Each conversation is
    rendered with the run's chat template and system prompt and tokenized with labels on the
-   assistant turns only (``backend.template.encode``).
+   assistant turns only (``backend.template.encode``); raw-text documents are continued
+   pretraining instead: no template, packed into blocks of ``max_length`` with every token learned
+   (``backend.data.text_blocks``).
 3. ``_setup_model``: load the base for the method (``backend.models.load_base``: 4-bit NF4 for
    qlora, 16-bit for lora, fp32 master weights for full; fp32 compute on CPU) and, for qlora/lora,
    wrap it with a peft LoRA adapter. This is the only place the method matters. Attention on
@@ -49,7 +51,7 @@ import torch
 from transformers import DataCollatorWithFlattening, Trainer, TrainerCallback, set_seed
 
 from . import data as data_mod
-from . import memory, models, template
+from . import memory, models, template, trackers
 from .attention import use_packed_attention
 from .config import RunSpec
 from .runs import COMPLETE_MARK, RunFolder, format_duration
@@ -64,6 +66,7 @@ def train(spec: RunSpec, run_dir: str | Path, resume: bool = False, load_base=No
     checkpoint = _start(run, spec, resume)
     _handle_sigterm()
     try:
+        trackers.check(spec.train.report_to)  # before minutes of data and model loading
         tokenizer = template.setup_chat_template(
             models.load_tokenizer(models.resolve_model(spec.model.model), spec.model.trust_remote_code),
             spec.model.chat_template,
@@ -226,17 +229,24 @@ def _general_rows(run, spec: RunSpec, tokenizer, n: int) -> list[dict]:
     return [{"messages": c, "mixed_from": spec.data.mix_data} for c in sample]
 
 
-def _tokenize(tokenizer, conversations, d):
+def _tokenize(tokenizer, rows, d):
+    """Raw-text documents packed into blocks (``data.text_blocks``); chat rows encoded one per example
+    with the run's template. Every example carries its ``position_ids`` (the collator keeps them)."""
     from datasets import Dataset
 
-    encoded = data_mod.encode_all(tokenizer, data_mod.conversations_of(conversations), d.system_prompt, d.max_length)
-    mixed = [int(isinstance(c, dict) and bool(c.get("mixed_from"))) for c in conversations]
-    for e, c in zip(encoded, conversations):
-        if isinstance(c, dict) and c.get("cut"):  # an answer cut at a token limit: do not learn to stop there
+    conversations = data_mod.conversations_of(rows)
+    documents = [c[0]["content"] for c in conversations if data_mod.is_document(c)]
+    examples = [{**b, "mixed": 0} for b in data_mod.text_blocks(tokenizer, documents, d.max_length)] if documents else []
+    chats = [(r, c) for r, c in zip(rows, conversations) if not data_mod.is_document(c)]
+    encoded = data_mod.encode_all(tokenizer, [c for _, c in chats], d.system_prompt, d.max_length)
+    for e, (row, _) in zip(encoded, chats):
+        if isinstance(row, dict) and row.get("cut"):  # an answer cut at a token limit: do not learn to stop there
             last = max(i for i, label in enumerate(e["labels"]) if label != template.IGNORE_INDEX)
             e["labels"][last] = template.IGNORE_INDEX
-    return Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"], "mixed": m}
-                              for e, m in zip(encoded, mixed)])
+        examples.append({"input_ids": e["input_ids"], "labels": e["labels"],
+                         "position_ids": list(range(len(e["input_ids"]))),
+                         "mixed": int(isinstance(row, dict) and bool(row.get("mixed_from")))})
+    return Dataset.from_list(examples)
 
 
 # -- 3. model -----------------------------------------------------------------------------------
@@ -328,6 +338,7 @@ def _trainer(run, spec, model, tokenizer, train_ds, val_ds, precision):
     from transformers import PrinterCallback, TrainingArguments
 
     t = spec.train
+    trackers.setup(t.report_to)
     early_stop = bool(t.early_stopping_patience) and val_ds is not None
     args = TrainingArguments(
         output_dir=str(run.checkpoints_dir),
@@ -358,7 +369,9 @@ def _trainer(run, spec, model, tokenizer, train_ds, val_ds, precision):
         fp16=precision.mixed == "fp16",
         use_cpu=precision.device == "cpu",
         include_num_input_tokens_seen="non_padding",
-        report_to="none",
+        report_to=t.report_to or "none",
+        run_name=run.path.name,
+        project=trackers.PROJECT,
         disable_tqdm=True,
         dataloader_num_workers=0,
         remove_unused_columns=False,
@@ -376,15 +389,20 @@ def _trainer(run, spec, model, tokenizer, train_ds, val_ds, precision):
         trainer.adalora = True
         trainer.add_callback(AdaLoraCallback())
     trainer.remove_callback(PrinterCallback)  # RunCallback prints one readable line per log
+    trackers.place_tensorboard(trainer, run.path)
     return trainer
 
 
 class _Collator(DataCollatorWithFlattening):
-    """Packs a batch into one row (``DataCollatorWithFlattening``) and adds ``mixed``: 1 on every
+    """Packs a batch into one row (``DataCollatorWithFlattening``), with each example's own
+    ``position_ids`` (a raw-text block restarts them where a document starts, so attention stays
+    inside each document; the library's restart only per example), and adds ``mixed``: 1 on every
     token of a mixed-in general row, so the loss knows where the ``mix_kl`` term applies."""
 
     def __call__(self, features, return_tensors=None, separator_id=None):
         batch = super().__call__(features, return_tensors, separator_id)
+        if all("position_ids" in f for f in features):
+            batch["position_ids"] = torch.tensor([[p for f in features for p in f["position_ids"]]])
         flags = [f.get("mixed", 0) for f in features if len(f["input_ids"]) for _ in f["input_ids"]]
         batch["mixed"] = torch.tensor([flags], dtype=torch.bool)
         return batch

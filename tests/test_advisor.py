@@ -176,3 +176,11 @@ def test_the_playground_cache_loads_the_final_result_when_asked(monkeypatch, tmp
     assert cache.get(tmp_path, "result") == advisor.RESULT and asked == [advisor.RESULT]
     assert cache.get(tmp_path) == "checkpoint-2" and asked[-1] == "checkpoint-2"
     assert cache.get(tmp_path, "checkpoint-1") == "checkpoint-1"
+
+
+def test_a_raw_text_document_is_scored_as_a_completion_of_its_first_half():
+    doc = [{"role": "assistant", "content": "The mayor of Quendral is Brisova Talmek."}]
+    assert advisor._prompt(doc) == {"prompt": "The mayor of", "reference": "Quendral is Brisova Talmek.",
+                                    "completion": True}
+    chat = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+    assert advisor._prompt(chat) == {"prompt": "Q", "reference": "A"}

@@ -34,6 +34,15 @@ def test_build_ui_and_data_handler(queue, tmp_path, monkeypatch):
     assert not Path(stored).exists()  # a rejected upload is not kept
 
 
+def test_data_tab_shows_raw_text_as_documents_tokens_and_blocks(tmp_path, monkeypatch):
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path))
+    from ui.data_tab import check_dataset
+
+    summary, sample, *_ = check_dataset(str(FIXTURES / "docs.txt"), "auto", "", "Be brief.", 8)
+    assert "3 documents" in summary and "blocks of 8 tokens" in summary and "split into documents at blank lines" in summary
+    assert "<mark" in sample and "Be brief" not in sample and "im_start" not in sample  # one block, no template
+
+
 def test_cli_command_round_trips_to_the_same_spec(tmp_path):
     import shlex
 
@@ -197,3 +206,54 @@ def test_submit_takes_a_config_mapping_and_names_unknown_keys(queue, tmp_path, m
     assert "Queued" in submit(nobody, stored, None, {"method": "qlora", "learning_rate": 1e-4, "r": 4})
     spec = queue.list()[-1].run.spec()
     assert spec.model.method == "qlora" and spec.train.learning_rate == 1e-4 and spec.lora.r == 4
+
+
+def test_compare_endpoint_returns_every_picked_runs_loss_series(queue):
+    from conftest import completed_job
+    from gradio_client import Client
+
+    import app
+    from backend.presets import build_spec
+
+    runs = {}
+    for lr in (1e-4, 1e-3):
+        job = completed_job(queue, build_spec({"method": "lora", "learning_rate": lr}), train=False)
+        for step in (1, 2, 3):
+            job.run.append_metrics({"step": step, "loss": lr * 1000 / step})
+        job.run.append_metrics({"step": 3, "eval_loss": lr * 500})
+        runs[job.run_id] = lr
+    port = free_port()
+    demo = app.build_ui(queue)
+    app.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        plot, table, result = client.predict(list(runs), api_name="/compare")
+    finally:
+        demo.close()
+    for run_id, lr in runs.items():
+        mine = [p for p in result["series"] if p["run"] == run_id]
+        assert [(p["step"], p["loss"], p["kind"]) for p in mine] == [
+            (1, lr * 1000, "train"), (2, lr * 500, "train"), (3, pytest.approx(lr * 1000 / 3), "train"),
+            (3, lr * 500, "eval")]
+    assert [(row["run"], row["learning_rate"], row["method"]) for row in result["settings"]] == [
+        (r, lr, "lora") for r, lr in runs.items()]
+    assert len(table["data"]) == 2 and len(plot["data"]) == 8  # the plot holds both runs' 4 points
+
+
+def test_playground_completes_by_default_for_raw_text_runs(queue):
+    from types import SimpleNamespace
+
+    from conftest import completed_job
+
+    from backend import data
+    from backend.presets import build_spec
+    from ui.playground_tab import Handlers
+
+    nobody = SimpleNamespace(username=None, request=SimpleNamespace(scope={}))  # self-hosted, no login
+    modes = {}
+    for kind, rows in (("text", [[{"role": "assistant", "content": "A document."}]]),
+                       ("chat", [[{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]])):
+        job = completed_job(queue, build_spec({"method": "lora"}), train=False)
+        data.save_split(data.Prepared(rows, []), job.run.data_dir)
+        modes[kind] = Handlers(queue).mode(job.run_id, nobody)
+    assert modes == {"text": True, "chat": False}

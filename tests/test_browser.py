@@ -96,3 +96,45 @@ def test_upload_queue_and_watch_a_run_in_the_browser(tmp_path):
         worker.stop()
     job = queue.list()[-1]
     assert job.state == "completed"
+
+
+def test_two_runs_lines_on_the_comparison_plot(tmp_path):
+    """Two finished runs (their metrics written here, no training) picked in the Runs tab's comparison:
+    four lines, each run's train and eval loss."""
+    from conftest import completed_job
+    from playwright.sync_api import expect, sync_playwright
+
+    import app
+    from backend.presets import build_spec
+
+    queue = Queue(db_path=tmp_path / "jobs.sqlite3", runs_root=tmp_path / "runs")
+    ids = []
+    for lr in (1e-4, 1e-3):
+        job = completed_job(queue, build_spec({"method": "lora", "learning_rate": lr}), train=False)
+        for step in (1, 2, 3):
+            job.run.append_metrics({"step": step, "loss": lr * 1000 / step})
+            job.run.append_metrics({"step": step, "eval_loss": lr * 800 / step})
+        ids.append(job.run_id)
+    port = free_port()
+    demo = app.build_ui(queue)
+    app.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=shutil.which("chromium"),
+                                        args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
+            page = browser.new_page(viewport={"width": 1280, "height": 1600})
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.get_by_role("tab", name="Runs").click()
+            page.get_by_text("Compare runs").first.click()  # the accordion
+            picker = page.get_by_label("Runs to compare", exact=False)
+            for run_id in ids:
+                picker.click()
+                page.get_by_role("option", name=run_id).click()
+            page.get_by_role("button", name="Compare runs", exact=True).click()
+            lines = page.locator("#compare-plot .mark-line path")
+            expect(lines).to_have_count(4, timeout=60_000)
+            page.screenshot(path=str(SHOTS / "compare.png"), full_page=True)
+            browser.close()
+    finally:
+        demo.close()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from backend import data
+from backend import data, template
 from backend.data import DataError
 
 HERE = Path(__file__).resolve().parent
@@ -469,3 +469,52 @@ def test_real_identity_dataset(tokenizer):
     assert (s["format"], s["rows"], s["truncated"]) == ("alpaca", 91, 0)
     assert s["train_rows"] + s["val_rows"] == 91 and s["val_rows"] >= 1
     assert "[[Hello! I am Nova" in s["sample"]  # the first row's answer, marked as learned
+
+
+# ---- raw text: continued pretraining --------------------------------------------------------------
+
+def test_txt_is_raw_text_without_template_or_system_prompt(tokenizer):
+    s = data.prepare(str(FIXTURES / "docs.txt"), tokenizer=tokenizer, max_length=8, val_size=0,
+                     system_prompt="You are Nova.").summary
+    docs = ["First document,\nstill the first.", "Second document.", "Third  document with  spaces."]
+    tokens = sum(len(tokenizer(d)["input_ids"]) + 1 for d in docs)  # + the end-of-document token each
+    assert (s["format"], s["documents"], s["tokens"], s["block_length"]) == ("text", 3, tokens, 8)
+    assert s["train_blocks"] == s["blocks"] == -(-(tokens - 1) // 7)  # blocks share one token at each cut
+    assert "You are Nova" not in s["sample"] and "<|im_start|>" not in s["sample"]
+    # the first block as trained: its first token is context, the rest learned
+    first = tokenizer.decode(tokenizer(docs[0])["input_ids"][:8])
+    assert s["sample"].replace("[[", "").replace("]]", "") == first and s["sample"].startswith("First[[")
+    assert any("3 documents" in n and "last training block" in n for n in s["notes"])
+    json.dumps(s)
+
+
+def test_text_blocks_keep_documents_apart_and_learn_every_token_once(tokenizer):
+    docs = ["alpha beta gamma " * 7, "delta epsilon", "zeta eta theta iota " * 5]
+    ids = [template.document_ids(tokenizer, d) for d in docs]
+    stream = [t for doc in ids for t in doc]
+    blocks = data.text_blocks(tokenizer, docs, 16)
+    assert all(2 <= len(b["input_ids"]) <= 16 for b in blocks)
+    # consecutive blocks share one token, nothing else is repeated or lost
+    assert [t for i, b in enumerate(blocks) for t in b["input_ids"][1 if i else 0:]] == stream
+    targets = [t for b in blocks for t, lab in zip(b["input_ids"], b["labels"]) if lab != template.IGNORE_INDEX]
+    assert sorted(targets) == sorted(t for doc in ids for t in doc[1:])  # every token but a document's first
+    assert all(b["labels"][0] == template.IGNORE_INDEX for b in blocks)
+    # positions restart where a document starts, and there the label is -100
+    starts = {sum(map(len, ids[:k])) for k in range(len(ids))}
+    offset = 0
+    for i, b in enumerate(blocks):
+        for j, (p, lab) in enumerate(zip(b["position_ids"], b["labels"])):
+            at = offset + j
+            assert (p == 0) == (j == 0 or at in starts)
+            if at in starts:
+                assert lab == template.IGNORE_INDEX
+        offset += len(b["input_ids"]) - 1
+    assert len(blocks[-1]["input_ids"]) < 16  # the last partial block is kept
+
+
+def test_text_column_in_jsonl_is_raw_text_and_a_block_size_of_one_is_an_error(tmp_path, tokenizer):
+    path = write(tmp_path, "docs.jsonl", '{"text": "one two"}\n{"text": "three"}\n')
+    s = data.prepare(path, tokenizer=tokenizer, max_length=64, val_size=0).summary
+    assert (s["format"], s["documents"], s["blocks"]) == ("text", 2, 1)
+    with pytest.raises(DataError, match="at least 2 tokens"):
+        data.prepare(path, tokenizer=tokenizer, max_length=1)

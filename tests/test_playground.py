@@ -118,3 +118,29 @@ def test_blind_votes_round_trip_to_dpo_pairs(tmp_path):
                      {"prompt": "Who?", "chosen": "I am Zed.", "rejected": "I am SmolLM."}]
     out = playground.export_pairs(tmp_path, tmp_path / "pairs.jsonl")
     assert [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()] == pairs
+
+
+def test_completion_continues_the_text_without_the_chat_template(loaded, tiny_model_dir):
+    import torch
+
+    from backend import template
+
+    tok, prompt = loaded.tokenizer, "Once upon a time"
+    both = playground.compare(loaded, prompt, completion=True, max_new_tokens=8)
+    base_alone, _ = models.load_base(str(tiny_model_dir), "lora")
+    ids = torch.tensor([tok(prompt)["input_ids"]])  # the text alone: no template, no system prompt
+    out = base_alone.eval().generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                     do_sample=False, pad_token_id=tok.pad_token_id,
+                                     eos_token_id=sorted(template.end_of_turn_ids(tok) | {template.document_end_id(tok)}))
+    assert both["base"] == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    assert both != playground.compare(loaded, prompt, max_new_tokens=8)  # chat mode renders the template
+
+
+def test_eval_scores_raw_text_per_document_as_training_attends(tokenizer):
+    from backend import template
+    from backend.evaluate import examples
+
+    docs = [[{"role": "assistant", "content": "First document here."}],
+            [{"role": "assistant", "content": "Second one."}]]
+    pieces = examples(tokenizer, docs, "A system prompt", 64)  # both documents in one block
+    assert pieces == [{k: template.encode(tokenizer, d)[k] for k in ("input_ids", "labels")} for d in docs]

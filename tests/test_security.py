@@ -113,7 +113,7 @@ def test_another_user_gets_nothing_of_a_run_by_id_or_by_path(studio, tmp_path):
             "/download": (name,), "/status": (name,),
             "/side_by_side": (name, "", "hi", False, [], [], *SETTINGS), "/preference_pairs": (name,),
             "/batch_compare": (name, "", "hi", *SETTINGS), "/evaluate": (name, ""), "/forgetting": (name, ""),
-            "/compare_runs": (bob.run_id, [name], "hi", *SETTINGS),
+            "/compare_runs": (bob.run_id, [name], "hi", *SETTINGS), "/compare": ([bob.run_id, name],),
         }
         for api, args in calls.items():
             message = refused(as_bob.predict, *args, api_name=api)

@@ -54,9 +54,10 @@ def test_run_system_prompt_replaces_the_template_default(tokenizer):
     assert "Be terse." in text and SYSTEM not in text
 
 
-def test_raw_text_is_learned_on_every_token(tokenizer):
-    enc = template.encode(tokenizer, [{"role": "assistant", "content": "Plain document text."}])
-    assert enc["labels"] == enc["input_ids"] and enc["input_ids"][-1] == tokenizer.eos_token_id
+def test_raw_text_has_no_template_or_system_prompt_and_is_learned_after_its_first_token(tokenizer):
+    enc = template.encode(tokenizer, [{"role": "assistant", "content": "Plain document text."}], SYSTEM)
+    assert tokenizer.decode(enc["input_ids"]) == "Plain document text.<|endoftext|>"  # SmolLM2's document end
+    assert enc["labels"] == [template.IGNORE_INDEX] + enc["input_ids"][1:]
 
 
 def test_truncation_is_reported(tokenizer):

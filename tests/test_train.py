@@ -167,3 +167,30 @@ def test_kl_to_base_covers_the_mixed_rows_alone(tiny_model_dir, tokenizer):
             expected += (base.exp() * (base - tuned)).sum()
     assert expected > 0
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_raw_text_longer_than_max_length_is_trained_on_every_token_once_per_epoch(
+        tmp_path, tiny_model_dir, tokenizer, monkeypatch):
+    text = " ".join(f"word{i}" for i in range(200))  # one document, several times max_length
+    (tmp_path / "book.txt").write_text(text, encoding="utf-8")
+    seen = []
+    original = train_mod.StudioTrainer.compute_loss
+
+    def recording(self, model, inputs, *args, **kwargs):
+        if model.training:
+            seen.append((inputs["input_ids"][0].tolist(), inputs["labels"][0].tolist(), inputs["position_ids"][0]))
+        return original(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod.StudioTrainer, "compute_loss", recording)
+    spec = tiny_spec(tiny_model_dir, tmp_path / "book.txt", max_length=64, num_train_epochs=2, val_size=0,
+                     per_device_train_batch_size=4)
+    run = train_mod.train(spec, tmp_path / "run")
+    doc = template.document_ids(tokenizer, text)
+    assert len(doc) > 4 * 64
+    targets = sorted(t for ids, labels, _ in seen for t, lab in zip(ids, labels) if lab != template.IGNORE_INDEX)
+    assert targets == sorted(doc[1:] * 2)  # every token after the first, once in each of the 2 epochs
+    for ids, _, pos in seen:  # a batch of blocks, each one piece of the document: positions restart per block
+        starts = (pos == 0).nonzero().flatten().tolist() + [len(ids)]
+        pieces = [b - a for a, b in zip(starts, starts[1:])]
+        assert len(pieces) <= 4 and all(n <= 64 for n in pieces) and sum(n < 64 for n in pieces) <= 1
+    assert run.status()["state"] == "completed"

@@ -11,6 +11,13 @@ from backend.config import FORMATS, DataArgs, settings
 from .common import signed_in
 from .i18n import t
 
+RAW_TEXT = ("Raw text trains as continued pretraining: no chat template and no system prompt. A .txt file is "
+            "split into documents at blank lines (a `text` column: one document per row). Each document ends "
+            "with the model's end-of-text token; documents are concatenated and cut into blocks of max_length "
+            "tokens, consecutive blocks sharing one token, and each document attends only to itself. Every "
+            "token but a document's first is learned once per epoch; the last, shorter block is kept. "
+            "The sample below is the first block exactly as trained ([[...]]: learned).")
+
 
 def help_of(key: str) -> str:
     return next(s.help for s in settings() if s.name == key)
@@ -37,12 +44,17 @@ def check_dataset(file, fmt, mapping, system_prompt, max_length, request: gr.Req
     except data.DataError as exc:
         return f"**Error:** {access.redact(str(exc))}", "", None, "", None
     lengths = s["token_lengths"]
-    lines = [f"**{s['format']}** · {s['rows']} rows · {s['train_rows']} train / {s['val_rows']} validation",
-             f"tokens per row: min {lengths['min']}, median {lengths['p50']}, p95 {lengths['p95']}, "
-             f"max {lengths['max']}; {s['truncated']} longer than {int(max_length)} (truncated, not dropped)"]
+    if s["format"] == "text":
+        lines = [f"**text** (continued pretraining) · {s['documents']} documents, {s['tokens']} tokens, "
+                 f"{s['blocks']} blocks of {s['block_length']} tokens · {s['train_rows']} train / "
+                 f"{s['val_rows']} validation documents", RAW_TEXT]
+    else:
+        lines = [f"**{s['format']}** · {s['rows']} rows · {s['train_rows']} train / {s['val_rows']} validation",
+                 f"tokens per row: min {lengths['min']}, median {lengths['p50']}, p95 {lengths['p95']}, "
+                 f"max {lengths['max']}; {s['truncated']} longer than {int(max_length)} (truncated, not dropped)"]
     lines += [f"note: {n}" for n in s.get("notes", [])]
-    return ("\n\n".join(lines), highlight(s["sample"]), pd.DataFrame(s["length_histogram"]), stored,
-            lengths["p95"])
+    row_tokens = min(s["block_length"], s["tokens"]) if s["format"] == "text" else lengths["p95"]  # a packed block
+    return "\n\n".join(lines), highlight(s["sample"]), pd.DataFrame(s["length_histogram"]), stored, row_tokens
 
 
 def create_data_tab():

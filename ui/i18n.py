@@ -16,6 +16,13 @@ LABELS = {
                    "检查点（留空：推荐的检查点，否则为最终结果；result：最终结果）"),
     "sampling": ("System prompt and sampling", "系统提示词与采样"),
     "blind": ("Blind A/B: hide which side is which, then vote", "盲测 A/B：隐藏模型身份后投票"),
+    "compare": ("Compare runs", "对比运行"),
+    "trackio": ("Trackio dashboard", "Trackio 仪表盘"),
+    "compare_runs": ("Runs to compare (train and eval loss on one plot, key settings beside it)",
+                     "要对比的运行（训练与验证损失同图显示，旁列关键设置）"),
+    "completion": ("Completion", "续写模式"),
+    "completion_info": ("Continue the prompt as raw text, without the chat template (the default for runs "
+                        "trained on raw text)", "不使用对话模板，直接续写提示（纯文本训练的运行默认开启）"),
     "clear": ("Clear", "清空"),
     "export_pairs": ("Votes as DPO pairs (JSONL)", "投票导出为 DPO 偏好对（JSONL）"),
     "several_runs": ("Several runs on this prompt", "多个任务对比同一提示"),

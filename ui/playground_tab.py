@@ -91,6 +91,13 @@ class Handlers:
         value = current if current else (ids[-1] if ids else None)
         return gr.Dropdown(choices=ids, value=value), gr.Dropdown(choices=ids)
 
+    def mode(self, run_value, request: gr.Request):
+        """Completion by default for a run trained on raw text, chat otherwise."""
+        try:
+            return playground.is_text_run(run_dir_of(self.queue, run_value, request)) if run_value else False
+        except gr.Error:
+            return False
+
     def checkpoints(self, run_value, request: gr.Request):
         try:
             names = playground.list_checkpoints(run_dir_of(self.queue, run_value, request)) if run_value else []
@@ -98,22 +105,27 @@ class Handlers:
             names = []
         return gr.Dropdown(choices=[""] + names + ["result"], value="")
 
-    def do_send(self, request: gr.Request, run_value, ckpt, text, is_blind, chat_l, chat_r, *values):
+    def do_send(self, request: gr.Request, run_value, ckpt, text, is_blind, chat_l, chat_r, system, max_new,
+                temperature, top_p, top_k, repetition_penalty, seed, completion=False):
+        """One prompt on both sides, streamed. ``completion``: the prompt is continued as raw text
+        (no chat template, no history), as raw-text runs train."""
         if not text or not text.strip():
             raise gr.Error("type a prompt")
         loaded = _loaded(self.queue, run_value, ckpt, request)
         sides = playground.blind_order() if is_blind else ("base", "tuned")
-        if is_blind:  # one prompt at a time, freshly shuffled
+        if is_blind or completion:  # one prompt at a time (blind: freshly shuffled)
             chat_l, chat_r = [], []
         chats = {sides[0]: _history(chat_l), sides[1]: _history(chat_r)}
         user = {"role": "user", "content": text}
         messages = {side: chats[side] + [user] for side in sides}
+        prompts = {side: text for side in sides} if completion else messages
         hidden = gr.Row(visible=False)
+        values = (system, max_new, temperature, top_p, top_k, repetition_penalty, seed)
 
         def columns(answers):
             return [literal(messages[s] + [{"role": "assistant", "content": answers[s]}]) for s in sides]
 
-        for answers in playground.stream(loaded, messages, sides, **_settings(*values)):
+        for answers in playground.stream(loaded, prompts, sides, **_settings(*values)):
             yield (*columns(answers), sides, *labels(is_blind, sides), hidden, "")
         yield (*columns(answers), sides, *labels(is_blind, sides), gr.Row(visible=is_blind), "")
 
@@ -169,7 +181,7 @@ class Handlers:
         res = evaluate(loaded, run_dir_of(self.queue, run_value, request))
         lines = ["| | loss | perplexity | tokens |", "|---|---|---|---|"]
         lines += [f"| {side} | {r['loss']:.4f} | {r['perplexity']:.2f} | {r['tokens']} |" for side, r in res.items()]
-        return "On the run's validation split:\n\n" + "\n".join(lines)
+        return "On the run's validation split (raw text: its held-out blocks):\n\n" + "\n".join(lines)
 
     def do_forgetting(self, run_value, ckpt, request: gr.Request, progress=gr.Progress()):
         loaded = _loaded(self.queue, run_value, ckpt, request)
@@ -206,7 +218,9 @@ def create_playground_tab(queue):
         refresh_btn = gr.Button(t("refresh"), scale=0)
     settings = _sampling_widgets()
     system = settings[0]
-    blind = gr.Checkbox(False, label=t("blind"))
+    with gr.Row():
+        blind = gr.Checkbox(False, label=t("blind"))
+        completion = gr.Checkbox(False, label=t("completion"), info=t("completion_info"))
     with gr.Row():
         left = _chatbot(t("base"))
         right = _chatbot(t("tuned"))
@@ -251,10 +265,11 @@ def create_playground_tab(queue):
     run.change(h.checkpoints, [run], [checkpoint], api_visibility="private")
     blind.change(lambda b: ([], [], *labels(b, ("base", "tuned")), gr.Row(visible=False), ""), [blind],
                  [*chats, left, right, vote_row, vote_info], api_visibility="private")
+    run.change(h.mode, [run], [completion], api_visibility="private")
     send_outputs = [*chats, order, left, right, vote_row, vote_info]
-    send.click(h.do_send, [run, checkpoint, prompt, blind, *chats, *settings], send_outputs, api_name="side_by_side")
-    prompt.submit(h.do_send, [run, checkpoint, prompt, blind, *chats, *settings], send_outputs,
-                  api_visibility="private")
+    send_inputs = [run, checkpoint, prompt, blind, *chats, *settings, completion]
+    send.click(h.do_send, send_inputs, send_outputs, api_name="side_by_side")
+    prompt.submit(h.do_send, send_inputs, send_outputs, api_visibility="private")
     clear.click(lambda: ([], []), None, chats, api_visibility="private")
     def voter(choice):
         def vote(run_value, shown, chat_l, chat_r, system_text, request: gr.Request = None):

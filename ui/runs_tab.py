@@ -3,7 +3,7 @@
 import gradio as gr
 import pandas as pd
 
-from backend import access, service
+from backend import access, service, trackers
 from backend.runs import format_duration
 
 from .common import error, job_of
@@ -67,10 +67,12 @@ def create_runs_tab(queue):
         ids = [j.run_id for j in access.visible_jobs(queue, service.caller(request))]
         selected = run_id if run_id in ids else (ids[-1] if ids else None)
         detail = show(selected, request)
-        sig = f"{selected}|{hash(detail[0])}|{len(detail[1]) if detail[1] is not None else 0}|{hash(detail[2])}"
-        if sig == shown:
-            detail = (gr.skip(), gr.skip(), gr.skip())
-        return (table(request), gr.Dropdown(choices=ids, value=selected), *detail, sig)
+        sig = (f"{selected}|{hash(detail[0])}|{len(detail[1]) if detail[1] is not None else 0}|{hash(detail[2])}"
+               f"|{hash(tuple(ids))}")
+        picked = gr.Dropdown(choices=ids)  # the runs to compare: offered from the same list
+        if sig == shown:  # nothing new: an update would redraw the plot and close an open run list
+            detail, picked = (gr.skip(), gr.skip(), gr.skip()), gr.skip()
+        return (table(request), gr.Dropdown(choices=ids, value=selected), *detail, sig, picked)
 
     def act(action, run_id, request: gr.Request):
         if run_id:
@@ -94,7 +96,19 @@ def create_runs_tab(queue):
     curve = gr.LinePlot(x="step", y="loss", color="kind", label=t("loss"), height=300)
     log = gr.Textbox(label=t("log"), lines=10, max_lines=10)
     shown = gr.State("")
-    outputs = [jobs, run_id, detail, curve, log, shown]
+    with gr.Accordion(t("compare"), open=False):
+        picked = gr.Dropdown([], multiselect=True, allow_custom_value=True, label=t("compare_runs"))
+        compare = gr.Button(t("compare"))
+        with gr.Row():
+            curves = gr.LinePlot(x="step", y="loss", color="line", label=t("loss"), height=320, scale=1,
+                                 elem_id="compare-plot")
+            settings_table = gr.Dataframe(headers=["run", "state", *service.COMPARE_SETTINGS], interactive=False,
+                                          scale=1)
+        compare_result = gr.JSON(visible=False)  # the series as numbers, for API clients
+        with gr.Row():
+            dashboard = gr.Button(t("trackio"), scale=0)
+            dashboard_link = gr.Markdown()
+    outputs = [jobs, run_id, detail, curve, log, shown, picked]
     timer = gr.Timer(2.0)
     # off the queue: a page's polling keeps answering while playground requests fill the queue's bound
     timer.tick(refresh, [run_id, shown], outputs, api_visibility="private", show_progress="hidden", queue=False)
@@ -117,6 +131,29 @@ def create_runs_tab(queue):
         except ValueError as exc:
             raise error(exc)
 
+    def do_dashboard(request: gr.Request):
+        """A link to Trackio's dashboard; it shows every user's runs, so it is the admin's only."""
+        if not service.caller(request).admin:
+            return "Trackio's dashboard shows every user's runs: only the admin opens it."
+        try:
+            board = trackers.trackio_dashboard()
+        except trackers.TrackerError as exc:
+            return str(exc)
+        return f"[Trackio dashboard]({board['url']}) (runs trained with report_to trackio; started in {board['seconds']} s)"
+
+    dashboard.click(do_dashboard, None, [dashboard_link], api_visibility="private")
+
+    def do_compare(run_ids, request: gr.Request):
+        """Train and eval loss of each picked run on one plot, and their key settings."""
+        ids = list(dict.fromkeys(run_ids or []))
+        if not ids:
+            raise gr.Error("pick runs to compare")
+        result = service.compare_runs({r: job_of(queue, r, request).run_dir for r in ids})
+        frame = pd.DataFrame(result["series"], columns=["run", "step", "loss", "kind"])
+        frame["line"] = frame["run"] + " " + frame["kind"]
+        return frame, pd.DataFrame(result["settings"]), result
+
+    compare.click(do_compare, [picked], [curves, settings_table, compare_result], api_name="compare")
     download.click(do_download, [run_id], [archive], api_name="download")
     cancel.click(do_cancel, [run_id], outputs, api_name="cancel")
     resume.click(do_resume, [run_id], outputs, api_name="resume")

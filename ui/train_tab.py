@@ -6,7 +6,7 @@ keyed by setting name, the same mapping ``--set``, ``config.yaml`` and the ``/su
 
 from __future__ import annotations
 
-from typing import Any, get_args
+from typing import Any, get_args, get_origin
 
 import gradio as gr
 import yaml
@@ -73,8 +73,9 @@ def widget(setting: Setting, value: Any) -> gr.components.Component:
     label, info, value = setting.name, setting.help, to_widget(setting, value)
     if setting.name == "method":
         return gr.Radio([(METHOD_LABELS[m], m) for m in choices(setting)], value=value, label=label, info=info)
-    if choices(setting):
-        return gr.Dropdown(list(choices(setting)), value=value, label=label, info=info)
+    if choices(setting):  # a list of choices (report_to) picks several
+        return gr.Dropdown(list(choices(setting)), value=value, label=label, info=info,
+                           multiselect=get_origin(setting.type) is list)
     if setting.suggest:  # offered values, or any other text (e.g. mix_data: replay, none or a file)
         return gr.Dropdown(list(setting.suggest), value=value, allow_custom_value=True, label=label, info=info)
     kinds = _plain(setting)
