@@ -77,9 +77,11 @@ def measured(runs):
 
 
 # Measured 2026-12-01 (README, "Learn the new thing, keep the old"): QLoRA's defaults learn the
-# persona and keep the whole held-out set, but lose 5 of the meter's 31; its run without replay
-# learns none of the persona and so loses little. Strict: these fail once QLoRA meets the goal.
-QLORA_GAP = pytest.mark.xfail(strict=True, reason="QLoRA defaults keep 26 of 31 on the meter (goal: 90 %)")
+# persona and keep the whole held-out set, but lose 3-5 of the meter's 31 (the same three questions
+# in every variant measured); its run without replay learns none of the persona and so loses
+# little. Not strict: 28 of 31 (90.3 %) is within one answer of the line, and an answer that flips
+# must not fail CI either way; an XPASS in the report says the gap may be closed.
+QLORA_GAP = pytest.mark.xfail(strict=False, reason="QLoRA defaults keep 26-27 of 31 on the meter (goal: 90 %)")
 METHODS_QLORA_OPEN = ["lora", pytest.param("qlora", marks=QLORA_GAP), "full"]
 
 
