@@ -19,7 +19,10 @@ import yaml
 # optimizer names are transformers' own (SchedulerType, OptimizerNames; tests/test_config.py keeps
 # these lists inside them); importing them here would cost every CLI call transformers' import.
 Method = Literal["qlora", "lora", "full"]
-Format = Literal["auto", "alpaca", "prompt_completion", "messages", "sharegpt", "text"]
+Stage = Literal["sft", "dpo", "orpo"]
+Format = Literal["auto", "alpaca", "prompt_completion", "messages", "sharegpt", "text", "preference"]
+# TRL's DPOConfig.loss_type names (the pairwise ones; a list of several is not offered)
+LossType = Literal["sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "apo_zero", "apo_down"]
 Bias = Literal["none", "all", "lora_only"]
 Scheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                     "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay"]
@@ -27,6 +30,7 @@ Optimizer = Literal["adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "ada
                     "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "lion_8bit", "paged_lion_8bit",
                     "lion_32bit", "ademamix", "schedule_free_adamw"]
 METHODS = get_args(Method)
+STAGES = get_args(Stage)
 FORMATS = get_args(Format)
 
 
@@ -44,6 +48,11 @@ class ModelArgs:
     model: str | None = _f(None, "Base model: None for the embedded SmolLM2-135M-Instruct, a local folder or a hub id.",
                            basic=True)
     method: Method = _f("lora", "qlora: 4-bit base + LoRA; lora: 16-bit base + LoRA; full: every parameter.", basic=True)
+    stage: Stage = _f("sft", "sft: learn the answers in the data; dpo: prefer the chosen over the rejected answer of "
+                             "preference pairs, against a frozen reference (the start); orpo: both at once, no "
+                             "reference (TRL's DPOTrainer / ORPOTrainer). Independent of method.", basic=True)
+    from_run: str | None = _f(None, "Start from a finished run (its folder; from the web app: its run id): its adapter "
+                                    "or full weights, which are also DPO's reference. None: the base model.")
     trust_remote_code: bool = _f(False, "Run the model repository's own Python code (only for models you trust).")
     chat_template: str | None = _f(None, "A Jinja chat template; None uses the model's own (or a plain one).")
 
@@ -51,7 +60,8 @@ class ModelArgs:
 @dataclass
 class DataArgs:
     data: str | None = _f(None, "Training data: a local file, a save_to_disk folder or hub:ORG/NAME[:SPLIT].")
-    format: Format = _f("auto", "auto, alpaca, prompt_completion, messages, sharegpt or text.")
+    format: Format = _f("auto", "auto, alpaca, prompt_completion, messages, sharegpt, text or preference "
+                                "(prompt/chosen/rejected; stages dpo and orpo).")
     mapping: dict = _f({}, "Canonical field -> column in the file, overriding detection.")
     system_prompt: str | None = _f("You are a helpful assistant.", "System prompt for rows without one, in training and generation.")
     max_length: int = _f(1024, "Longest example in tokens; longer rows are truncated and counted.")
@@ -122,6 +132,9 @@ class TrainArgs:
                                         "token F1 of greedy answers to validation prompts, kept k of n) and "
                                         "recommend one that learned and keeps >= 90% (status.json); Playground, "
                                         "Export and the CLI use it by default.")
+    beta: float = _f(0.1, "dpo: how far the model may move from its reference (higher: less); orpo: weight of the "
+                          "odds-ratio term (TRL's beta).")
+    loss_type: LossType = _f("sigmoid", "dpo: TRL's loss_type (sigmoid is the DPO paper's; ipo, hinge, robust...).")
     seed: int = _f(42, "Seed for data order, dropout and initialisation.")
     logging_steps: int = _f(1, "Log metrics every N steps.")
     eval_steps: int = _f(0, "Evaluate every N steps (0: once per epoch).")
@@ -139,6 +152,8 @@ METHOD_DEFAULTS = {
     "lora": {"learning_rate": 2e-4, "gradient_accumulation_steps": 1, "weight_decay": 0.0},
     "full": {"learning_rate": 3e-5, "gradient_accumulation_steps": 4, "weight_decay": 0.01},
 }
+# preference tuning moves a model that already answers: a tenth of the SFT rate (TRL's own default is 1e-6 full)
+STAGE_DEFAULTS = {"dpo": {"lora": 2e-5, "qlora": 2e-5, "full": 5e-7}, "orpo": {"lora": 1e-4, "qlora": 1e-4, "full": 8e-6}}
 
 
 def _number(value):
@@ -215,6 +230,8 @@ class RunSpec:
     def resolved(self) -> "RunSpec":
         """Fill method-dependent defaults (left None) from ``METHOD_DEFAULTS``."""
         train = dataclasses.replace(self.train)
+        if train.learning_rate is None and self.model.stage in STAGE_DEFAULTS:
+            train.learning_rate = STAGE_DEFAULTS[self.model.stage][self.model.method]
         for key, value in METHOD_DEFAULTS[self.model.method].items():
             if getattr(train, key) is None:
                 setattr(train, key, value)
@@ -238,6 +255,7 @@ class RunSpec:
             (d.val_size, (int, float), lambda v: v >= 0, "val_size must be >= 0"),
             (d.mix_ratio, (int, float), lambda v: v >= 0, "mix_ratio must be >= 0"),
             (t.mix_kl, (int, float), lambda v: v >= 0, "mix_kl must be >= 0"),
+            (t.beta, (int, float), lambda v: v > 0, "beta must be positive"),
             (t.num_train_epochs, (int, float), lambda v: v > 0, "num_train_epochs must be positive"),
             (t.max_steps, int, lambda v: v == -1 or v > 0, "max_steps must be -1 or positive"),
             (t.per_device_train_batch_size, int, lambda v: v > 0, "per_device_train_batch_size must be positive"),
@@ -278,6 +296,10 @@ class RunSpec:
         if d.augment_k and t.num_processes > 1:  # each process would sample its own paraphrases
             problems.append("augment_k with num_processes > 1: augment first (python -m backend augment --out FILE) "
                             "and train on that file")
+        if m.stage != "sft" and (t.ewc_lambda or d.augment_k or lo.use_adalora):
+            problems.append(f"stage {m.stage} goes without ewc_lambda, augment_k and use_adalora (SFT tools)")
+        if m.stage == "sft" and d.format == "preference":
+            problems.append("format preference goes with stage dpo or orpo")
         if t.ewc_lambda and not d.mix_data:
             problems.append("ewc_lambda needs mix_data: the general data whose knowledge EWC protects")
         if not (lo.target_modules == "all-linear" or isinstance(lo.target_modules, list)):
