@@ -472,6 +472,8 @@ def _preference(row: dict, where: str) -> dict | None:
         if winner not in answers or len(answers) != 2:
             raise DataError(f"{where}: a vote needs answers of both sides and a winner among them")
         loser = next(side for side in answers if side != winner)
+        if answers[winner] == answers[loser]:  # a vote between two equal answers prefers nothing
+            return None
         row = {"prompt": row.get("prompt"), "system": row.get("system_prompt"),
                "chosen": answers[winner], "rejected": answers[loser]}
     need = "preference rows need prompt, chosen and rejected"
