@@ -105,6 +105,11 @@ def test_prepare_previews_the_prompt_and_both_answers_as_the_model_sees_them(pai
     prompt = "<|im_start|>user\nWho are you? (0)<|im_end|>\n<|im_start|>assistant\n"
     assert summary["sample"].endswith(prompt + "[[I am Zed. Cheers!<|im_end|>]]\n")
     assert summary["sample_rejected"].endswith(prompt + "[[I am a language model.<|im_end|>]]\n")
+    from ui.data_tab import check_dataset
+
+    text, sample, *_ = check_dataset(str(pairs), "auto", "", "You are a helpful assistant.", 1024)
+    assert "**preference** · 16 rows" in text
+    assert sample.count("<mark") == 2 and "I am Zed. Cheers!" in sample and "I am a language model." in sample
 
 
 def test_stage_and_data_must_agree(tiny_model_dir, pairs, tiny_data, tmp_path):
@@ -132,6 +137,11 @@ def test_dpo_run_folder_keeps_the_contract_and_trls_preference_metrics(tmp_path,
     assert any("eval_rewards/margins" in m for m in run.metrics())
     assert (run.adapter_dir / "adapter_model.safetensors").exists() and not (run.adapter_dir / "ref").exists()
     assert (run.data_dir / "train.jsonl").exists() and "rejected" in (run.data_dir / "train.jsonl").read_text()
+    from backend import service
+
+    curves = service.run_view(run.path)["rewards"]  # what the Runs view draws
+    assert {c["kind"] for c in curves} >= {"rewards/chosen", "rewards/rejected", "rewards/margins",
+                                           "rewards/accuracies", "eval_rewards/margins"}
 
 
 def test_orpo_and_full_dpo_train_through_trl(tmp_path, tiny_model_dir, pairs):
@@ -219,3 +229,72 @@ def test_resume_after_sigkill_matches_an_uninterrupted_dpo_run(tmp_path, tiny_mo
     resumed = load_file(killed.adapter_dir / "adapter_model.safetensors")
     for key in whole:
         torch.testing.assert_close(resumed[key], whole[key], rtol=1e-4, atol=1e-5)
+
+
+# -- the web app: "Train on these votes" -----------------------------------------------------------
+def test_train_on_these_votes_through_gradio_client(tmp_path, monkeypatch, tiny_model_dir, tiny_data, lora_run):
+    import shutil
+    import socket
+
+    from conftest import completed_job
+    from gradio_client import Client
+
+    import app
+    from backend import paths, playground
+    from backend.jobs import Queue
+
+    monkeypatch.setenv("STUDIO_LOCAL_HOME", str(paths.local_home()))
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("STUDIO_AUTH", "admin:pw0,alice:pw1,bob:pw2")
+    monkeypatch.setattr(app, "ON_SPACES", False)
+    queue = Queue(tmp_path / "jobs.sqlite3", tmp_path / "home" / "runs")
+    spec = tiny_spec(tiny_model_dir, tiny_data)
+    mine, bobs = completed_job(queue, spec, "alice", train=False), completed_job(queue, spec, "bob", train=False)
+    for job in (mine, bobs):
+        shutil.copytree(lora_run / "adapter", Path(job.run_dir) / "adapter")
+    answers = {"base": "I am SmolLM.", "tuned": "I am Zed."}
+    for i in range(7):
+        playground.record_vote(mine.run_dir, f"Who are you? ({i})", ("tuned", "base"), answers, "A", user="alice")
+    playground.record_vote(mine.run_dir, "Hi", ("tuned", "base"), answers, "tie", user="alice")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    demo = app.build_ui(queue)
+    app.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}", auth=("alice", "pw1"), verbose=False)
+        with pytest.raises(Exception, match="7 decisive votes on .* needs at least 8"):
+            client.predict(mine.run_id, api_name="/train_on_votes")
+        playground.record_vote(mine.run_dir, "Who?", ("base", "tuned"), answers, "B", user="alice")
+        message = client.predict(mine.run_id, api_name="/train_on_votes")
+        child = queue.list()[-1]
+        assert child.run_id in message and "8 pairs" in message and child.owner == "alice" and child.state == "queued"
+        recorded = child.run.spec()
+        assert recorded.model.stage == "dpo" and recorded.model.from_run == mine.run_dir
+        assert recorded.data.data.startswith(str(tmp_path / "home" / "uploads"))
+        assert len(data.prepare(recorded.data.data, val_size=0).train) == 8
+        # another user's run is not a start, by id or by folder, here or through /submit
+        with pytest.raises(Exception, match="no run .* of yours"):
+            client.predict(bobs.run_id, api_name="/train_on_votes")
+        for start in (bobs.run_id, bobs.run_dir, mine.run_dir):
+            answer = client.predict({"stage": "dpo", "from_run": start, "data": recorded.data.data}, api_name="/submit")
+            assert "no run" in answer and "of yours" in answer, start
+        assert len(queue.list()) == 3
+    finally:
+        demo.close()
+
+
+def test_the_memory_estimate_counts_the_reference_and_both_answers(tiny_model_dir, pairs, lora_run):
+    from backend import memory
+
+    def est(method, **kw):
+        return memory.estimate_for_spec(tiny_spec(tiny_model_dir, pairs, method, **kw), device="cpu", row_tokens=40)
+
+    sft, dpo, orpo = est("full"), est("full", stage="dpo"), est("full", stage="orpo")
+    assert dpo.seq_tokens == orpo.seq_tokens == 2 * sft.seq_tokens  # chosen and rejected rows of every pair
+    assert dpo.reference == dpo.weights and orpo.reference == sft.reference == 0  # full DPO: a frozen copy
+    assert dpo.total - orpo.total == dpo.weights
+    lora = est("lora", stage="dpo")
+    assert lora.reference == lora.lora_params < lora.weights / 10  # TRL's frozen copy of the adapter alone
+    from_run = est("lora", stage="dpo", from_run=str(lora_run), r=64)  # the parent's adapter (r=16) is what trains
+    assert from_run.lora_params == est("lora", stage="dpo", r=16).lora_params
