@@ -123,13 +123,18 @@ def cli_command(spec: RunSpec, out: str = "runs/my-run") -> str:
             "--method", spec.model.method]
     if spec.model.model:
         args += ["--model", spec.model.model]
+    if spec.model.stage != "sft":
+        args += ["--stage", spec.model.stage]
+    if spec.model.from_run:
+        args += ["--from", spec.model.from_run]
     if spec.preset:
         args += ["--preset", spec.preset]
-    plain = {"method": spec.model.method, **({"model": spec.model.model} if spec.model.model else {})}
+    plain = {"method": spec.model.method, "stage": spec.model.stage,
+             **({"model": spec.model.model} if spec.model.model else {})}
     reference = build_spec(plain, spec.preset).to_dict()
     for section in SECTIONS:
         for key, value in spec.to_dict()[section].items():
-            if key not in ("data", "method", "model") and reference[section][key] != value:
+            if key not in ("data", "method", "model", "stage", "from_run") and reference[section][key] != value:
                 args += ["--set", f"{key}={json.dumps(value, ensure_ascii=False)}"]
     return shlex.join(args)
 

@@ -298,3 +298,15 @@ def test_the_memory_estimate_counts_the_reference_and_both_answers(tiny_model_di
     assert lora.reference == lora.lora_params < lora.weights / 10  # TRL's frozen copy of the adapter alone
     from_run = est("lora", stage="dpo", from_run=str(lora_run), r=64)  # the parent's adapter (r=16) is what trains
     assert from_run.lora_params == est("lora", stage="dpo", r=16).lora_params
+
+
+def test_the_train_tabs_command_names_stage_and_start(pairs, lora_run):
+    import shlex
+
+    from backend import service
+    from backend.__main__ import build_parser
+
+    spec = service.make_spec({"stage": "orpo", "from_run": str(lora_run), "data": str(pairs), "beta": 0.2})
+    argv = shlex.split(service.cli_command(spec, "out"))[3:]
+    a = build_parser().parse_args(argv)
+    assert (a.stage, a.from_run, a.set) == ("orpo", str(lora_run), ["beta=0.2"])
