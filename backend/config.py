@@ -21,8 +21,8 @@ import yaml
 Method = Literal["qlora", "lora", "full"]
 Stage = Literal["sft", "dpo", "orpo"]
 Format = Literal["auto", "alpaca", "prompt_completion", "messages", "sharegpt", "text", "preference"]
-# TRL's DPOConfig.loss_type names (the pairwise ones; a list of several is not offered)
-LossType = Literal["sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "apo_zero", "apo_down"]
+# TRL's DPOConfig.loss_type names (the pairwise ones, and sft: the chosen answers' NLL, RPO when combined)
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "apo_zero", "apo_down", "sft")
 Bias = Literal["none", "all", "lora_only"]
 Scheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                     "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay"]
@@ -134,7 +134,9 @@ class TrainArgs:
                                         "Export and the CLI use it by default.")
     beta: float = _f(0.1, "dpo: how far the model may move from its reference (higher: less); orpo: weight of the "
                           "odds-ratio term (TRL's beta).")
-    loss_type: LossType = _f("sigmoid", "dpo: TRL's loss_type (sigmoid is the DPO paper's; ipo, hinge, robust...).")
+    loss_type: list = _f(["sigmoid"], "dpo: TRL's loss_type, one or several added up (sigmoid is the DPO paper's; "
+                                      "ipo, hinge, robust...; [sigmoid, sft] also keeps the chosen answers likely).")
+    loss_weights: list | None = _f(None, "dpo: TRL's weight of each loss_type (None: 1 each).")
     seed: int = _f(42, "Seed for data order, dropout and initialisation.")
     logging_steps: int = _f(1, "Log metrics every N steps.")
     eval_steps: int = _f(0, "Evaluate every N steps (0: once per epoch).")
@@ -296,6 +298,11 @@ class RunSpec:
         if d.augment_k and t.num_processes > 1:  # each process would sample its own paraphrases
             problems.append("augment_k with num_processes > 1: augment first (python -m backend augment --out FILE) "
                             "and train on that file")
+        if not (isinstance(t.loss_type, list) and t.loss_type and set(t.loss_type) <= set(LOSS_TYPES)):
+            problems.append(f"loss_type must be a list of {', '.join(LOSS_TYPES)} (got {t.loss_type!r})")
+        elif t.loss_weights is not None and (not isinstance(t.loss_weights, list) or len(t.loss_weights) != len(
+                t.loss_type) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in t.loss_weights)):
+            problems.append(f"loss_weights must be one number per loss_type (got {t.loss_weights!r})")
         if m.stage != "sft" and (t.ewc_lambda or d.augment_k or lo.use_adalora):
             problems.append(f"stage {m.stage} goes without ewc_lambda, augment_k and use_adalora (SFT tools)")
         if m.stage == "sft" and d.format == "preference":

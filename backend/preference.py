@@ -108,7 +108,7 @@ def trainer(spec: RunSpec, model, ref_model, tokenizer, train_ds, val_ds, args: 
     if spec.model.stage == "dpo":
         from trl import DPOConfig, DPOTrainer
 
-        config = DPOConfig(**common, loss_type=[t.loss_type])
+        config = DPOConfig(**common, loss_type=list(t.loss_type), loss_weights=t.loss_weights)
         trainer = DPOTrainer(model=model, ref_model=ref_model, args=config, train_dataset=train_ds,
                              eval_dataset=val_ds, processing_class=tokenizer, callbacks=callbacks)
     else:

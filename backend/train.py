@@ -16,7 +16,9 @@ Flow (each step is a function below, in this order):
    wrap it with a peft LoRA adapter. This is the only place the method matters. Attention on
    packed rows runs per example (``backend.attention``). Full fine-tuning
    with ``ewc_lambda`` also estimates the Fisher diagonal on general data (``backend.ewc``).
-4. ``_trainer``: a transformers ``Trainer`` with padding-free packing
+   A run with ``from_run`` starts from that run's result (``backend.preference.start_point``).
+4. ``_trainer``: stages ``dpo`` and ``orpo`` train with TRL's trainers instead, on the same
+   arguments and callbacks (``backend.preference``); stage ``sft``: a transformers ``Trainer`` with padding-free packing
    (``DataCollatorWithFlattening``: a batch is one row of concatenated examples whose
    ``position_ids`` restart per example, so attention never crosses examples and no token is
    padding), warmup + cosine, gradient clipping, accumulation, checkpoints every ``save_steps``
@@ -170,22 +172,11 @@ def _setup_data(run: RunFolder, spec: RunSpec, tokenizer, reuse: bool):
         prepared = data_mod.prepare(d.data, fmt=d.format, mapping=d.mapping or None, tokenizer=tokenizer,
                                     max_length=d.max_length, system_prompt=d.system_prompt,
                                     val_size=d.val_size, seed=spec.train.seed)
-        if preference.is_preference(spec):
-            if d.mix_data and d.mix_ratio:  # replay rows are answers to learn, not pairs to prefer
-                prepared.summary["notes"].append(f"stage {spec.model.stage}: mix_data is not mixed into preference "
-                                                 "pairs; beta keeps the model near its start")
-        elif d.augment_k > 0:
-            added = _augment(spec, prepared.train)
-            prepared.train = prepared.train + added
-            prepared.summary["notes"].append(f"augmentation: {len(added)} paraphrased rows added to "
-                                             f"{len(prepared.train) - len(added)} training rows (marked augmented_from)")
-        if d.mix_data and d.mix_ratio > 0 and not preference.is_preference(spec):
-            general = _general_rows(run, spec, tokenizer, round(d.mix_ratio * len(prepared.train)))
-            prepared.train = prepared.train + general
-            print(f"mixed {len(general)} general rows from {d.mix_data} into "
-                  f"{len(prepared.train) - len(general)} training rows", flush=True)
-        elif not preference.is_preference(spec):
-            print("notice: mix_data is off: no general data mixed in against forgetting", flush=True)
+        if not preference.is_preference(spec):
+            _augment_and_mix(run, spec, tokenizer, prepared)
+        elif d.mix_data and d.mix_ratio:  # replay rows are answers to learn, not pairs to prefer
+            prepared.summary["notes"].append(f"stage {spec.model.stage}: mix_data is not mixed into preference "
+                                             "pairs; beta keeps the model near its start")
         if not isinstance(run, _Replica):
             data_mod.save_split(prepared, run.data_dir)
         train_rows, val_rows, summary = prepared.train, prepared.val, prepared.summary
@@ -195,6 +186,23 @@ def _setup_data(run: RunFolder, spec: RunSpec, tokenizer, reuse: bool):
     train_ds = _tokenize(tokenizer, train_rows, d)
     val_ds = _tokenize(tokenizer, val_rows, d) if val_rows else None
     return train_ds, val_ds, summary
+
+
+def _augment_and_mix(run, spec: RunSpec, tokenizer, prepared) -> None:
+    """SFT: add ``augment_k`` paraphrases, then mix general rows in (``mix_data``/``mix_ratio``)."""
+    d = spec.data
+    if d.augment_k > 0:
+        added = _augment(spec, prepared.train)
+        prepared.train = prepared.train + added
+        prepared.summary["notes"].append(f"augmentation: {len(added)} paraphrased rows added to "
+                                         f"{len(prepared.train) - len(added)} training rows (marked augmented_from)")
+    if d.mix_data and d.mix_ratio > 0:
+        general = _general_rows(run, spec, tokenizer, round(d.mix_ratio * len(prepared.train)))
+        prepared.train = prepared.train + general
+        print(f"mixed {len(general)} general rows from {d.mix_data} into "
+              f"{len(prepared.train) - len(general)} training rows", flush=True)
+    else:
+        print("notice: mix_data is off: no general data mixed in against forgetting", flush=True)
 
 
 def _augment(spec: RunSpec, rows: list) -> list[dict]:

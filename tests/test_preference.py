@@ -117,6 +117,10 @@ def test_stage_and_data_must_agree(tiny_model_dir, pairs, tiny_data, tmp_path):
         tiny_spec(tiny_model_dir, pairs, format="preference")
     with pytest.raises(ConfigError, match="stage dpo goes without ewc_lambda"):
         tiny_spec(tiny_model_dir, pairs, "full", stage="dpo", ewc_lambda=1.0, mix_data="replay")
+    with pytest.raises(ConfigError, match="loss_type must be a list of sigmoid"):
+        tiny_spec(tiny_model_dir, pairs, stage="dpo", loss_type=["nope"])
+    with pytest.raises(ConfigError, match="loss_weights must be one number per loss_type"):
+        tiny_spec(tiny_model_dir, pairs, stage="dpo", loss_type=["sigmoid", "sft"], loss_weights=[1.0])
     spec = tiny_spec(tiny_model_dir, tiny_data, stage="dpo", max_steps=1)  # SFT rows have nothing to prefer
     with pytest.raises(ConfigError, match="a preference stage needs preference data"):
         train_mod.train(spec, tmp_path / "run")

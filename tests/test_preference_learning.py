@@ -37,8 +37,8 @@ pytestmark = pytest.mark.slow
 def test_dpo_teaches_the_embedded_model_to_sign_off(tmp_path):
     t0 = time.time()
     spec = build_spec({"stage": "dpo", "method": "lora", "data": str(PAIRS), "system_prompt": SYSTEM,
-                       "val_size": 0, "max_steps": 10, "per_device_train_batch_size": 4, "learning_rate": 2e-4,
-                       "beta": 0.1, "max_length": 128, "save_steps": 10, "advise_checkpoints": False})
+                       "val_size": 0, "max_steps": 16, "per_device_train_batch_size": 4, "learning_rate": 5e-4,
+                       "beta": 0.1, "loss_type": ["sigmoid", "sft"], "max_length": 128, "save_steps": 16, "advise_checkpoints": False})
     run = train(spec, tmp_path / "dpo")
     trained_s = time.time() - t0
     assert run.status()["state"] == "completed"
