@@ -1,11 +1,13 @@
-"""Proof that DPO moves the real embedded model towards what the pairs prefer (CPU, ~2 minutes).
+"""Proof that DPO moves the real embedded model towards what the pairs prefer (CPU, minutes: README).
 
 The pairs (tests/data/signoff_pairs.jsonl, 22 short questions) prefer an answer that ends with the
 sign-off "Cheers, Vega!" over the same answer without it. The rejected answer is the start's own
 (SmolLM2-135M-Instruct, greedy, system prompt "Answer in one short sentence.", generated once and
 stored; questions whose answer ran past 40 tokens left out), so the pairs differ only in the
-sign-off, which the start never gives. After a short LoRA DPO run, on the held-out pairs made the
-same way (tests/data/signoff_heldout.jsonl, 7) and 8 held-out questions:
+sign-off, which the start never gives. After a short LoRA DPO run (16 steps of 4 pairs,
+``loss_type [sigmoid, sft]``: the DPO loss alone, at this rate, pushed the model's own answers down
+until it drifted and forgot, measured), on the held-out pairs made the same way
+(tests/data/signoff_heldout.jsonl, 7) and 8 held-out questions:
 
 * preference accuracy and mean margin (log p(chosen) - log p(rejected), ``preference.score_pairs``)
   rise above the start's;
