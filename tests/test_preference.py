@@ -157,6 +157,9 @@ def test_orpo_and_full_dpo_train_through_trl(tmp_path, tiny_model_dir, pairs):
                            tmp_path / "full")
     assert (full.model_dir / "model.safetensors").exists()
     assert [m for m in full.metrics() if "loss" in m][0]["rewards/margins"] == 0  # the frozen copy is the start
+    qlora = train_mod.train(tiny_spec(tiny_model_dir, pairs, "qlora", stage="dpo", learning_rate=1e-2, max_steps=2),
+                            tmp_path / "qlora")  # 4-bit QLoRA DPO: one choice of each
+    assert qlora.result_dir() == qlora.adapter_dir and "rewards/margins" in [m for m in qlora.metrics() if "loss" in m][-1]
 
 
 def trl_chosen_logp(model, tokenizer, row, system_prompt) -> float:
