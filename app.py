@@ -83,7 +83,7 @@ def build_ui(queue: Queue | None = None) -> gr.Blocks:
         with gr.Tab(t("data")):
             data_inputs = create_data_tab()
         with gr.Tab(t("train")):
-            create_train_tab(data_inputs, submit)
+            create_train_tab(data_inputs, submit, queue)
         with gr.Tab(t("runs")) as runs_tab:
             refresh, outputs, run_id, shown = create_runs_tab(queue)
         with gr.Tab(t("playground")) as playground_tab:

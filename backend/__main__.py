@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 
-from .config import FORMATS, METHODS, DataArgs, TrainArgs  # choices and defaults: the one schema
+from .config import FORMATS, METHODS, STAGES, DataArgs, TrainArgs  # choices and defaults: the one schema
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -78,7 +78,7 @@ def cmd_train(a) -> int:
     from .train import train
 
     if a.config:
-        if a.data or a.out or a.preset or a.set or a.method or a.model:
+        if a.data or a.out or a.preset or a.set or a.method or a.model or a.stage or a.from_run:
             raise UsageError("--config takes no other options than --resume")
         spec = RunSpec.load(a.config).resolved()
         out = os.path.dirname(os.path.abspath(a.config))
@@ -91,6 +91,10 @@ def cmd_train(a) -> int:
             overrides["method"] = a.method
         if a.model:
             overrides["model"] = a.model
+        if a.stage:
+            overrides["stage"] = a.stage
+        if a.from_run:
+            overrides["from_run"] = os.path.abspath(a.from_run)  # the worker and a resume may run elsewhere
         spec = build_spec(overrides, a.preset)
         out = a.out
     run = train(spec, out, resume=a.resume)
@@ -294,6 +298,9 @@ def _data_and_training(sub) -> None:
     s.add_argument("--data")
     s.add_argument("--out")
     s.add_argument("--method", choices=METHODS)
+    s.add_argument("--stage", choices=STAGES, help="sft (default), dpo or orpo (preference pairs as --data)")
+    s.add_argument("--from", dest="from_run", metavar="RUN_DIR",
+                   help="start from this finished run's result (DPO's reference too)")
     s.add_argument("--model")
     s.add_argument("--preset")
     s.add_argument("--set", action="append", metavar="KEY=VALUE")

@@ -3,6 +3,8 @@
 * A **run** is read or changed only by its owner or an admin (``may_access``). Runs are named by
   run id alone, never by a folder path, and a run that is not the caller's looks exactly like one
   that does not exist, so ids of other users' runs cannot be probed.
+* A **run setting** (``RUN_KEYS``: ``from_run``) submitted from the web is a run id, resolved
+  here to the caller's own run folder (``run_keys``); a folder path is never taken from the web.
 * A **file setting** (``PATH_KEYS``) submitted from the web names only the caller's own uploads,
   a shipped set, or a path under ``STUDIO_ALLOWED_PATHS`` (the admin's allow-list, ``os.pathsep``
   separated); the CLI, run by the machine's owner, is not confined.
@@ -27,6 +29,7 @@ from .paths import local_home, studio_home
 ROOT = Path(__file__).resolve().parent.parent
 # settings that name files on the server, and what a web user may name there
 PATH_KEYS = ("data", "mix_data", "model", "augment_model", "accelerate_config")
+RUN_KEYS = ("from_run",)  # settings that name a run: by run id from the web (run_keys)
 SHIPPED_NAMES = {"mix_data": ("replay",),
                  "accelerate_config": tuple(p.stem for p in (ROOT / "presets" / "accelerate").glob("*.yaml"))}
 
@@ -60,6 +63,18 @@ def job_for(queue, run_id: str, caller: Caller):
     if job is None or not may_access(job.owner, caller):
         raise AccessError(f"no run {run_id!r} of yours: pick one from the Runs list")
     return job
+
+
+def run_keys(queue, values: dict, caller: Caller) -> dict:
+    """``values`` with each ``RUN_KEYS`` setting, a run id from the web, replaced by that run's folder
+    when ``caller`` may use the run (``job_for``: unknown and not-theirs answer alike)."""
+    out = dict(values)
+    for key in RUN_KEYS:
+        if out.get(key):
+            if queue is None:
+                raise AccessError(f"{key}: runs are named by run id, and there is no queue to find them in")
+            out[key] = job_for(queue, str(out[key]), caller).run_dir
+    return out
 
 
 def visible_jobs(queue, caller: Caller) -> list:

@@ -19,7 +19,10 @@ import yaml
 # optimizer names are transformers' own (SchedulerType, OptimizerNames; tests/test_config.py keeps
 # these lists inside them); importing them here would cost every CLI call transformers' import.
 Method = Literal["qlora", "lora", "full"]
-Format = Literal["auto", "alpaca", "prompt_completion", "messages", "sharegpt", "text"]
+Stage = Literal["sft", "dpo", "orpo"]
+Format = Literal["auto", "alpaca", "prompt_completion", "messages", "sharegpt", "text", "preference"]
+# TRL's DPOConfig.loss_type names (the pairwise ones, and sft: the chosen answers' NLL, RPO when combined)
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "apo_zero", "apo_down", "sft")
 Bias = Literal["none", "all", "lora_only"]
 Scheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                     "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay"]
@@ -28,6 +31,7 @@ Optimizer = Literal["adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "ada
                     "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "lion_8bit", "paged_lion_8bit",
                     "lion_32bit", "ademamix", "schedule_free_adamw"]
 METHODS = get_args(Method)
+STAGES = get_args(Stage)
 FORMATS = get_args(Format)
 
 
@@ -45,6 +49,11 @@ class ModelArgs:
     model: str | None = _f(None, "Base model: None for the embedded SmolLM2-135M-Instruct, a local folder or a hub id.",
                            basic=True)
     method: Method = _f("lora", "qlora: 4-bit base + LoRA; lora: 16-bit base + LoRA; full: every parameter.", basic=True)
+    stage: Stage = _f("sft", "sft: learn the answers in the data; dpo: prefer the chosen over the rejected answer of "
+                             "preference pairs, against a frozen reference (the start); orpo: both at once, no "
+                             "reference (TRL's DPOTrainer / ORPOTrainer). Independent of method.", basic=True)
+    from_run: str | None = _f(None, "Start from a finished run (its folder; from the web app: its run id): its adapter "
+                                    "or full weights, which are also DPO's reference. None: the base model.")
     trust_remote_code: bool = _f(False, "Run the model repository's own Python code (only for models you trust).")
     chat_template: str | None = _f(None, "A Jinja chat template; None uses the model's own (or a plain one).")
 
@@ -52,7 +61,8 @@ class ModelArgs:
 @dataclass
 class DataArgs:
     data: str | None = _f(None, "Training data: a local file, a save_to_disk folder or hub:ORG/NAME[:SPLIT].")
-    format: Format = _f("auto", "auto, alpaca, prompt_completion, messages, sharegpt or text.")
+    format: Format = _f("auto", "auto, alpaca, prompt_completion, messages, sharegpt, text or preference "
+                                "(prompt/chosen/rejected; stages dpo and orpo).")
     mapping: dict = _f({}, "Canonical field -> column in the file, overriding detection.")
     system_prompt: str | None = _f("You are a helpful assistant.", "System prompt for rows without one, in training and generation.")
     max_length: int = _f(1024, "Longest example in tokens; longer rows are truncated and counted. Raw text: "
@@ -128,6 +138,11 @@ class TrainArgs:
                                       "default): tensorboard (RUN_DIR/tensorboard) and trackio (STUDIO_HOME/trackio) "
                                       "work offline; wandb needs WANDB_API_KEY in the environment; mlflow logs to "
                                       "MLFLOW_TRACKING_URI or STUDIO_HOME/mlruns. metrics.jsonl is written either way.")
+    beta: float = _f(0.1, "dpo: how far the model may move from its reference (higher: less); orpo: weight of the "
+                          "odds-ratio term (TRL's beta).")
+    loss_type: list = _f(["sigmoid"], "dpo: TRL's loss_type, one or several added up (sigmoid is the DPO paper's; "
+                                      "ipo, hinge, robust...; [sigmoid, sft] also keeps the chosen answers likely).")
+    loss_weights: list | None = _f(None, "dpo: TRL's weight of each loss_type (None: 1 each).")
     seed: int = _f(42, "Seed for data order, dropout and initialisation.")
     logging_steps: int = _f(1, "Log metrics every N steps.")
     eval_steps: int = _f(0, "Evaluate every N steps (0: once per epoch).")
@@ -145,6 +160,8 @@ METHOD_DEFAULTS = {
     "lora": {"learning_rate": 2e-4, "gradient_accumulation_steps": 1, "weight_decay": 0.0},
     "full": {"learning_rate": 3e-5, "gradient_accumulation_steps": 4, "weight_decay": 0.01},
 }
+# preference tuning moves a model that already answers: a tenth of the SFT rate (TRL's own default is 1e-6 full)
+STAGE_DEFAULTS = {"dpo": {"lora": 2e-5, "qlora": 2e-5, "full": 5e-7}, "orpo": {"lora": 1e-4, "qlora": 1e-4, "full": 8e-6}}
 
 
 def _number(value):
@@ -225,6 +242,8 @@ class RunSpec:
     def resolved(self) -> "RunSpec":
         """Fill method-dependent defaults (left None) from ``METHOD_DEFAULTS``."""
         train = dataclasses.replace(self.train)
+        if train.learning_rate is None and self.model.stage in STAGE_DEFAULTS:
+            train.learning_rate = STAGE_DEFAULTS[self.model.stage][self.model.method]
         for key, value in METHOD_DEFAULTS[self.model.method].items():
             if getattr(train, key) is None:
                 setattr(train, key, value)
@@ -251,6 +270,7 @@ class RunSpec:
             (d.val_size, (int, float), lambda v: v >= 0, "val_size must be >= 0"),
             (d.mix_ratio, (int, float), lambda v: v >= 0, "mix_ratio must be >= 0"),
             (t.mix_kl, (int, float), lambda v: v >= 0, "mix_kl must be >= 0"),
+            (t.beta, (int, float), lambda v: v > 0, "beta must be positive"),
             (t.num_train_epochs, (int, float), lambda v: v > 0, "num_train_epochs must be positive"),
             (t.max_steps, int, lambda v: v == -1 or v > 0, "max_steps must be -1 or positive"),
             (t.per_device_train_batch_size, int, lambda v: v > 0, "per_device_train_batch_size must be positive"),
@@ -291,6 +311,15 @@ class RunSpec:
         if d.augment_k and t.num_processes > 1:  # each process would sample its own paraphrases
             problems.append("augment_k with num_processes > 1: augment first (python -m backend augment --out FILE) "
                             "and train on that file")
+        if not (isinstance(t.loss_type, list) and t.loss_type and set(t.loss_type) <= set(LOSS_TYPES)):
+            problems.append(f"loss_type must be a list of {', '.join(LOSS_TYPES)} (got {t.loss_type!r})")
+        elif t.loss_weights is not None and (not isinstance(t.loss_weights, list) or len(t.loss_weights) != len(
+                t.loss_type) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in t.loss_weights)):
+            problems.append(f"loss_weights must be one number per loss_type (got {t.loss_weights!r})")
+        if m.stage != "sft" and (t.ewc_lambda or d.augment_k or lo.use_adalora):
+            problems.append(f"stage {m.stage} goes without ewc_lambda, augment_k and use_adalora (SFT tools)")
+        if m.stage == "sft" and d.format == "preference":
+            problems.append("format preference goes with stage dpo or orpo")
         if t.ewc_lambda and not d.mix_data:
             problems.append("ewc_lambda needs mix_data: the general data whose knowledge EWC protects")
         if not (lo.target_modules == "all-linear" or isinstance(lo.target_modules, list)):

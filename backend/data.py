@@ -36,12 +36,14 @@ SHAPES = {
     "messages": "messages: [{role, content}]",
     "sharegpt": "conversations: [{from: human|gpt|system, value}]",
     "text": "text",
+    "preference": "prompt + chosen + rejected (text or message lists; without prompt, chosen and rejected "
+                  "message lists sharing their turns before the answer), or the studio's votes.jsonl",
 }
 FORMATS = tuple(SHAPES)
 PAIRS = [("prompt", "completion"), ("prompt", "response"), ("prompt", "answer"),
          ("prompt", "output"), ("question", "answer"), ("query", "response")]
 FIELDS = {"instruction", "input", "output", "system", "history", "prompt", "completion", "response",
-          "answer", "question", "query", "messages", "conversations", "text"}
+          "answer", "question", "query", "messages", "conversations", "text", "chosen", "rejected"}
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant",
          "gpt": "assistant", "model": "assistant", "bot": "assistant"}
 SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".parquet", ".txt")
@@ -281,6 +283,8 @@ def _columns(records: list[dict]) -> list[str]:
 def detect_format(records: list[dict], source_name: str = "") -> str:
     """The shape of ``records``: alpaca, prompt_completion, messages, sharegpt or text."""
     cols = set(_columns(records))
+    if {"chosen", "rejected"} <= cols or {"answers", "winner"} <= cols:
+        return "preference"
     if "messages" in cols:
         return "messages"
     if "conversations" in cols:
@@ -299,7 +303,7 @@ def detect_format(records: list[dict], source_name: str = "") -> str:
 
 def _format_for_mapping(mapping: dict) -> str | None:
     named = set(mapping)
-    for fmt, keys in (("messages", {"messages"}), ("sharegpt", {"conversations"}),
+    for fmt, keys in (("preference", {"chosen", "rejected"}), ("messages", {"messages"}), ("sharegpt", {"conversations"}),
                       ("alpaca", {"instruction", "input", "history"}),
                       ("prompt_completion", {"prompt", "completion", "response", "question", "answer",
                                              "query"}),
@@ -353,8 +357,13 @@ def _convert(records: list[dict], fmt: str, mapping: dict | None, name: str) -> 
             raise DataError(f"{name}: prompt_completion needs {SHAPES['prompt_completion']} "
                             f"(columns: {', '.join(map(str, cols))})")
     convert = {"alpaca": _alpaca, "messages": _chat, "sharegpt": _chat, "text": _text_row,
-               "prompt_completion": lambda row, where: _pair(row, where, pair)}[fmt]
-    return [convert(row, f"{name}, row {i}") for i, row in enumerate(records, 1)]
+               "preference": _preference, "prompt_completion": lambda row, where: _pair(row, where, pair)}[fmt]
+    rows = [convert(row, f"{name}, row {i}") for i, row in enumerate(records, 1)]
+    if fmt == "preference":  # votes without a winner (tie, both bad) say nothing about which answer is better
+        rows = [r for r in rows if r is not None]
+        if not rows:
+            raise DataError(f"{name}: no preference pairs (every vote is a tie or 'both bad')")
+    return rows
 
 
 def _field(row: dict, key: str, where: str, need: str | None = None) -> str:
@@ -426,8 +435,16 @@ def _chat(row: dict, where: str) -> list[dict]:
     key = "messages" if "messages" in row else "conversations"
     if row.get(key) is None:
         raise DataError(f"{where}: missing {key!r} (expected {SHAPES['messages']} or {SHAPES['sharegpt']})")
+    messages = _message_list(row[key], key, where)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: no assistant message (nothing to learn from)")
+    return messages
+
+
+def _message_list(value, key: str, where: str) -> list[dict]:
+    """``[{role, content}]`` or ``[{from, value}]`` as chat messages."""
     messages = []
-    for j, msg in enumerate(_json_list(row[key], key, where), 1):
+    for j, msg in enumerate(_json_list(value, key, where), 1):
         at = f"{where}, {key}[{j}]"
         if not isinstance(msg, dict):
             raise DataError(f"{at}: expected an object with role and content, found {type(msg).__name__}")
@@ -440,9 +457,52 @@ def _chat(row: dict, where: str) -> list[dict]:
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
         content = _field({"content": content}, "content", at, "every message needs content")
         messages.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(f"{where}: no assistant message (nothing to learn from)")
     return messages
+
+
+def _preference(row: dict, where: str) -> dict | None:
+    """A preference row as ``{"messages": prompt + [chosen answer], "rejected": answer}``: the
+    conversation ending with the chosen answer is what SFT-side tools (eval loss, the advisor,
+    batch references) read. A vote without a winner gives None."""
+    if "winner" in row and "answers" in row and "chosen" not in row:  # a line of the studio's votes.jsonl
+        winner = row["winner"]
+        if winner is None:
+            return None
+        answers = row["answers"] if isinstance(row["answers"], dict) else {}
+        if winner not in answers or len(answers) != 2:
+            raise DataError(f"{where}: a vote needs answers of both sides and a winner among them")
+        loser = next(side for side in answers if side != winner)
+        if answers[winner] == answers[loser]:  # a vote between two equal answers prefers nothing
+            return None
+        row = {"prompt": row.get("prompt"), "system": row.get("system_prompt"),
+               "chosen": answers[winner], "rejected": answers[loser]}
+    need = "preference rows need prompt, chosen and rejected"
+    answers, contexts = {}, {}
+    for key in ("chosen", "rejected"):
+        value = row.get(key)
+        if isinstance(value, (list, tuple)) or (isinstance(value, str) and value.lstrip().startswith("[{")):
+            messages = _message_list(value, key, where)
+            if not messages or messages[-1]["role"] != "assistant":
+                raise DataError(f"{where}: {key!r} should end with the assistant's answer")
+            answers[key], contexts[key] = messages[-1]["content"], messages[:-1]
+        else:
+            answers[key], contexts[key] = _field(row, key, where, need), []
+    if row.get("prompt") is None:
+        if not contexts["chosen"] or contexts["chosen"] != contexts["rejected"]:
+            raise DataError(f"{where}: no 'prompt', and chosen and rejected do not share the turns before their "
+                            f"answer ({need})")
+        prompt = contexts["chosen"]
+    elif isinstance(row["prompt"], (list, tuple)):
+        prompt = _message_list(row["prompt"], "prompt", where)
+    else:
+        prompt = contexts["chosen"] + [{"role": "user", "content": _field(row, "prompt", where, need)}]
+    if not prompt or prompt[-1]["role"] != "user":
+        raise DataError(f"{where}: the prompt should end with a user turn")
+    if answers["chosen"] == answers["rejected"]:
+        raise DataError(f"{where}: chosen and rejected are the same answer (nothing to prefer)")
+    messages = _with_system(row, where, prompt) if prompt[0]["role"] != "system" else prompt
+    return {"messages": messages + [{"role": "assistant", "content": answers["chosen"]}],
+            "rejected": answers["rejected"]}
 
 
 # ---- split, prepare, save ------------------------------------------------------------------
@@ -569,15 +629,18 @@ def prepare(source: str, fmt: str = "auto", mapping: dict | None = None, tokeniz
     summary = {"format": fmt, "rows": len(conversations), "train_rows": len(train),
                "val_rows": len(val), "truncated": None, "token_lengths": None, "sample": "",
                "notes": notes, "columns": _columns(records), "source": str(source)}
+    chats = conversations_of(conversations)  # a preference row: the conversation that ends with the chosen answer
     if tokenizer is None:
-        summary["sample"] = _plain(conversations[0], None if fmt == "text" else system_prompt)
+        summary["sample"] = _plain(chats[0], None if fmt == "text" else system_prompt)
+        if fmt == "preference":
+            summary["sample_rejected"] = _plain(rejected_conversation(conversations[0]), system_prompt)
         return Prepared(train, val, summary)
     template.setup_chat_template(tokenizer, chat_template)
     if fmt == "text":
         text = _text_summary(tokenizer, train, val, max_length)
         summary.update(text, notes=notes + text["notes"])
         return Prepared(train, val, summary)
-    lengths = sorted(len(e["input_ids"]) for e in encode_all(tokenizer, conversations, system_prompt))
+    lengths = sorted(len(e["input_ids"]) for e in encode_all(tokenizer, chats, system_prompt))
     truncated = sum(n > max_length for n in lengths)
     summary["token_lengths"] = _stats(lengths)
     summary["truncated"] = truncated
@@ -585,8 +648,11 @@ def prepare(source: str, fmt: str = "auto", mapping: dict | None = None, tokeniz
     if truncated:
         notes.append(f"{truncated} of {len(lengths)} rows are longer than max_length={max_length} tokens; "
                      f"they are truncated, not dropped")
-    first = template.encode(tokenizer, conversations[0], system_prompt, max_length)
+    first = template.encode(tokenizer, chats[0], system_prompt, max_length)
     summary["sample"] = template.mark_loss(tokenizer, first["input_ids"], first["labels"])
+    if fmt == "preference":  # the same prompt with the answer to prefer less, as the model sees it
+        other = template.encode(tokenizer, rejected_conversation(conversations[0]), system_prompt, max_length)
+        summary["sample_rejected"] = template.mark_loss(tokenizer, other["input_ids"], other["labels"])
     return Prepared(train, val, summary)
 
 
@@ -627,8 +693,14 @@ def load_split(folder, rows: bool = False) -> tuple[list, list]:
 
 
 def conversations_of(rows: list) -> list:
-    """The conversations of rows that may be dicts with ``messages`` (augmented rows)."""
+    """The conversations of rows that may be dicts with ``messages`` (augmented rows; preference rows:
+    the conversation ending with the chosen answer)."""
     return [r["messages"] if isinstance(r, dict) else r for r in rows]
+
+
+def rejected_conversation(row: dict) -> list[dict]:
+    """A preference row's conversation with the rejected answer in place of the chosen one."""
+    return row["messages"][:-1] + [{"role": "assistant", "content": row["rejected"]}]
 
 
 def parse_mapping(items: str | list[str] | None) -> dict:

@@ -132,6 +132,7 @@ class Estimate:
     disk_per_checkpoint: int
     disk_result: int
     disk_total: int             # result + save_total_limit + 1 checkpoints (see disk())
+    reference: int = 0          # DPO's frozen reference: a copy of the weights (full) or of the adapter (LoRA)
     notes: list[str] = field(default_factory=list)
 
     def breakdown(self) -> dict[str, int]:
@@ -142,6 +143,7 @@ class Estimate:
             "lora_params": self.lora_params,
             "gradients": self.gradients,
             "optimizer": self.optimizer,
+            "reference": self.reference,
         }
         if backward >= self.step_scratch:
             rows.update(weight_copies=self.weight_copies, activations=self.activations, logits=self.logits,
@@ -313,7 +315,7 @@ def estimate(config, method: str = "lora", *, seq_tokens: int, tokens_with_loss:
              r: int = 16, target_modules="all-linear", lora_dropout: float = 0.1,
              gradient_checkpointing: bool = False, device: str = "cuda", optim: str = "adamw_torch",
              attn_implementation: str = "packed_sdpa", save_total_limit: int = 2,
-             trust_remote_code: bool = False) -> Estimate:
+             trust_remote_code: bool = False, stage: str = "sft") -> Estimate:
     """Peak memory of one training step and the run's disk use.
 
     Args:
@@ -328,6 +330,8 @@ def estimate(config, method: str = "lora", *, seq_tokens: int, tokens_with_loss:
         attn_implementation: ``packed_sdpa`` (what training uses), ``sdpa`` (transformers'
             default) or ``flash_attention_2``.
         save_total_limit: checkpoints kept.
+        stage: ``sft``, ``dpo`` (adds the frozen reference: a copy of the weights for ``full``, of the
+            adapter for LoRA/QLoRA, as TRL keeps it) or ``orpo`` (no reference).
     """
     if method not in ("qlora", "lora", "full"):
         raise ValueError(f"method must be qlora, lora or full, not {method!r}")
@@ -368,7 +372,8 @@ def estimate(config, method: str = "lora", *, seq_tokens: int, tokens_with_loss:
         heap = round(CPU_HEAP_PER_LORA_OUTPUT * sum(o for _, _, o in targets) * 4 * seq_tokens)
 
     overhead = CPU_PROCESS_BYTES if cpu else CUDA_CONTEXT_BYTES
-    static = weights + lora_params + gradients + optimizer + overhead
+    reference = (weights if method == "full" else lora_params) if stage == "dpo" else 0
+    static = weights + lora_params + gradients + optimizer + overhead + reference
     total = static + max(weight_copies + activations + logits + heap, step_scratch)
 
     if prec.notice:
@@ -382,7 +387,7 @@ def estimate(config, method: str = "lora", *, seq_tokens: int, tokens_with_loss:
                     optimizer=optimizer, weight_copies=weight_copies, activations=activations,
                     logits=logits, heap=heap, step_scratch=step_scratch, overhead=overhead, total=total,
                     disk_per_checkpoint=disk_ckpt, disk_result=disk_result, disk_total=disk_total,
-                    notes=notes)
+                    reference=reference, notes=notes)
 
 
 def _activations(config, inv: Inventory, targets, *, method: str, device: str, seq_tokens: int, kept: int, r: int,
@@ -436,7 +441,9 @@ def estimate_for_spec(spec, model_config=None, device: str | None = None, row_to
     spec's model's config; ``device`` to this machine's.
     """
     from . import models
+    from .preference import is_preference, start_point
 
+    spec = start_point(spec)  # from_run: the parent's base model and LoRA settings
     if model_config is None:
         from transformers import AutoConfig
 
@@ -446,12 +453,14 @@ def estimate_for_spec(spec, model_config=None, device: str | None = None, row_to
             models.resolve_model(spec.model.model), **models.hub_kwargs(spec.model.trust_remote_code))
     t, lo = spec.train, spec.lora
     if seq_tokens is None:
-        seq_tokens = t.per_device_train_batch_size * min(row_tokens or spec.data.max_length, spec.data.max_length)
+        # a preference step holds the chosen and the rejected row of each pair, padded (TRL does not pack them)
+        rows = t.per_device_train_batch_size * (2 if is_preference(spec) else 1)
+        seq_tokens = rows * min(row_tokens or spec.data.max_length, spec.data.max_length)
     return estimate(model_config, spec.model.method, seq_tokens=seq_tokens, tokens_with_loss=tokens_with_loss,
                     r=lo.r, target_modules=lo.target_modules, lora_dropout=lo.lora_dropout,
                     gradient_checkpointing=t.gradient_checkpointing, device=device or models.device(),
                     optim=t.optim, save_total_limit=t.save_total_limit,
-                    trust_remote_code=spec.model.trust_remote_code)
+                    trust_remote_code=spec.model.trust_remote_code, stage=spec.model.stage)
 
 
 # -- what this machine has ---------------------------------------------------------------------

@@ -252,9 +252,10 @@ def load_base(model_path: str, method: str, trust_remote_code: bool = False):
     return model, prec
 
 
-def load_adapter(base, adapter_dir):
+def load_adapter(base, adapter_dir, trainable: bool = False):
     """``PeftModel.from_pretrained`` for a run's adapter (its result or a checkpoint): safetensors
-    only, and a failure (e.g. an adapter trained on another base: size mismatch) one ``ModelError``."""
+    only, and a failure (e.g. an adapter trained on another base: size mismatch) one ``ModelError``.
+    ``trainable``: to train on (a run that starts from another run's adapter)."""
     from peft import PeftModel
 
     folder = Path(adapter_dir)
@@ -262,7 +263,7 @@ def load_adapter(base, adapter_dir):
         refuse_pickle_weights(folder, "adapter")
         raise ModelError(f"{folder} has no adapter_model.safetensors: not a saved adapter")
     with load_errors(str(folder)):
-        return PeftModel.from_pretrained(base, str(folder))
+        return PeftModel.from_pretrained(base, str(folder), is_trainable=trainable)
 
 
 def _own_unquantised(model) -> None:

@@ -450,14 +450,15 @@ def vote_summary(run_dir) -> dict:
 
 
 def preference_pairs(run_dir) -> list[dict]:
-    """Decisive votes (A or B) as DPO rows: ``{prompt, chosen, rejected}``."""
+    """Decisive votes (A or B) between two different answers as DPO rows: ``{prompt, chosen,
+    rejected}``, with ``system`` when the vote was given under another system prompt."""
     pairs = []
     for v in load_votes(run_dir):
-        if v["winner"] is None:
+        loser = {"tuned": "base", "base": "tuned"}.get(v["winner"])
+        if loser is None or v["answers"][v["winner"]] == v["answers"][loser]:  # nothing to prefer
             continue
-        loser = "base" if v["winner"] == "tuned" else "tuned"
-        pairs.append({"prompt": v["prompt"], "chosen": v["answers"][v["winner"]],
-                      "rejected": v["answers"][loser]})
+        pair = {"prompt": v["prompt"], "chosen": v["answers"][v["winner"]], "rejected": v["answers"][loser]}
+        pairs.append({**pair, "system": v["system_prompt"]} if v.get("system_prompt") else pair)
     return pairs
 
 

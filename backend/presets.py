@@ -72,6 +72,8 @@ def build_spec(overrides: dict, preset: str | None = None) -> RunSpec:
         candidate = EMBEDDED_PRESET.format(method=method)
         preset = candidate if candidate in list_presets() else None
     values = dict(load_preset(preset)) if preset else {}
+    if overrides.get("stage", "sft") != "sft" and preset == EMBEDDED_PRESET.format(method=method):
+        values.pop("learning_rate", None)  # tuned for SFT; a preference stage takes its own default (STAGE_DEFAULTS)
     values.update(overrides)
     values["preset"] = preset
     return RunSpec.from_flat(values).resolved()

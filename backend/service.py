@@ -16,13 +16,15 @@ from pathlib import Path
 
 import yaml
 
-from . import access, advisor, data, export, forgetting, models, template, trackers
+from . import access, advisor, data, export, forgetting, models, preference, template, trackers
 from .access import Caller
-from .config import SECTIONS, RunSpec
+from .config import SECTIONS, ConfigError, RunSpec
 from .paths import studio_home
 from .presets import build_spec
 from .runs import RunFolder, overfitting_signal
 
+# what a DPO/ORPO run's Runs view draws, as TRL logs it (train and eval)
+REWARD_CURVES = tuple(f"{p}rewards/{k}" for p in ("", "eval_") for k in ("chosen", "rejected", "margins", "accuracies"))
 UPLOAD_TTL_S = 24 * 3600  # default of STUDIO_UPLOAD_TTL: an upload no run uses is deleted after this
 QUEUED_PER_USER = 3  # default of STUDIO_MAX_QUEUED_PER_USER: one user's runs waiting or running at once
 
@@ -94,13 +96,16 @@ def check_upload(path: str, user: str, fmt: str = "auto", mapping: str = "", sys
         raise
 
 
-def make_spec(values: dict, preset: str | None = None, caller: Caller | None = None) -> RunSpec:
+def make_spec(values: dict, preset: str | None = None, caller: Caller | None = None, queue=None) -> RunSpec:
     """A resolved RunSpec from form values (flat keys as in ``--set``); empty values are dropped.
-    ``caller``: a web user, whose file settings are confined (``access.confine_paths``); None
-    for the machine's owner (the CLI)."""
+    ``caller``: a web user, whose file settings are confined (``access.confine_paths``) and whose
+    ``from_run`` is a run id of theirs in ``queue`` (``access.run_keys``); None for the machine's
+    owner (the CLI)."""
     clean = {k: v for k, v in values.items() if v not in (None, "")}
     if clean.get("model") in ("embedded", "default"):
         clean.pop("model")
+    if caller is not None:
+        clean = access.run_keys(queue, clean, caller)
     spec = build_spec(clean, preset or None)
     if caller is not None:
         access.confine_paths(flat_settings(spec), caller)
@@ -118,13 +123,18 @@ def cli_command(spec: RunSpec, out: str = "runs/my-run") -> str:
             "--method", spec.model.method]
     if spec.model.model:
         args += ["--model", spec.model.model]
+    if spec.model.stage != "sft":
+        args += ["--stage", spec.model.stage]
+    if spec.model.from_run:
+        args += ["--from", spec.model.from_run]
     if spec.preset:
         args += ["--preset", spec.preset]
-    plain = {"method": spec.model.method, **({"model": spec.model.model} if spec.model.model else {})}
+    plain = {"method": spec.model.method, "stage": spec.model.stage,
+             **({"model": spec.model.model} if spec.model.model else {})}
     reference = build_spec(plain, spec.preset).to_dict()
     for section in SECTIONS:
         for key, value in spec.to_dict()[section].items():
-            if key not in ("data", "method", "model") and reference[section][key] != value:
+            if key not in ("data", "method", "model", "stage", "from_run") and reference[section][key] != value:
                 args += ["--set", f"{key}={json.dumps(value, ensure_ascii=False)}"]
     return shlex.join(args)
 
@@ -151,6 +161,7 @@ def run_view(run_dir: str | Path, log_lines: int = 20) -> dict:
         "best_step": status.get("best_step"), "stopped_early": status.get("stopped_early"),
         "loss": [{"step": m["step"], "loss": m["loss"], "kind": "train"} for m in metrics if "loss" in m]
         + [{"step": m["step"], "loss": m["eval_loss"], "kind": "eval"} for m in metrics if "eval_loss" in m],
+        "rewards": [{"step": m["step"], "value": m[k], "kind": k} for m in metrics for k in REWARD_CURVES if k in m],
         "log": [access.redact(line) for line in log], "result": run.result_dir().name if run.result_dir() else None,
         "forgetting": forgetting.read(run_dir), "forgetting_state": status.get("forgetting"),
         "checkpoints": advisor.table(status), "recommended": status.get("recommended"),
@@ -200,7 +211,7 @@ def submit(queue, values: dict, preset: str | None = None, caller: Caller | None
     """Queue a run from form values for ``caller`` (its owner; None: the machine's owner, unconfined);
     returns its run id. ``row_tokens``: the dataset's typical long row (p95), for the memory
     estimate recorded beside the measured peak."""
-    spec = make_spec(values, preset, caller)
+    spec = make_spec(values, preset, caller, queue)
     if not spec.data.data:
         raise data.DataError("no dataset: upload one in the Data tab first")
     trackers.check(spec.train.report_to)  # a missing tracker is said now, not when the run starts
@@ -224,6 +235,28 @@ def submit(queue, values: dict, preset: str | None = None, caller: Caller | None
     return job.run_id
 
 
+def train_on_votes(queue, run_id: str, caller: Caller) -> tuple[str, int]:
+    """Queue a DPO run from the blind votes on ``run_id``, starting from that run (its result is the
+    reference): the decisive votes become pairs in the caller's uploads. Returns (new run id, pairs).
+    Fewer than ``preference.MIN_VOTE_PAIRS`` pairs are refused."""
+    from . import playground
+
+    job = access.job_for(queue, run_id, caller)
+    pairs = playground.preference_pairs(job.run_dir)
+    if len(pairs) < preference.MIN_VOTE_PAIRS:
+        raise ValueError(f"{len(pairs)} decisive votes on {job.run_id}; training on votes needs at least "
+                         f"{preference.MIN_VOTE_PAIRS} (A or B better; ties, 'both bad' and equal answers do not count)")
+    text = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs)
+    folder = access.uploads_dir(caller.user)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}-votes-{job.run_id}.jsonl"
+    path.write_text(text, encoding="utf-8")
+    parent = job.run.spec()
+    values = {"stage": "dpo", "from_run": job.run_id, "data": str(path), "method": parent.model.method,
+              "system_prompt": parent.data.system_prompt, "max_length": parent.data.max_length}
+    return submit(queue, values, caller=caller), len(pairs)
+
+
 def archive(run_dir: str | Path) -> str:
     """A zip of the run's result (adapter or model), config and metrics, for download."""
     return export.zip_result(run_dir)
@@ -238,9 +271,10 @@ def estimate_markdown(spec: RunSpec, row_tokens: int | None = None) -> str:
     from .presets import model_config as shipped_config
 
     try:  # a preset's model ships its config.json: no network needed
+        spec = preference.start_point(spec)  # from_run: the model it trains on
         config = shipped_config(spec.model.model) or models.load_config(
             models.resolve_model(spec.model.model), spec.model.trust_remote_code)
-    except models.ModelError as exc:
+    except (models.ModelError, ConfigError) as exc:
         return f"estimate unavailable: {exc}"
     device = models.device()
     est = memory.estimate_for_spec(spec, config, device, row_tokens)

@@ -18,7 +18,9 @@ Flow (each step is a function below, in this order):
    wrap it with a peft LoRA adapter. This is the only place the method matters. Attention on
    packed rows runs per example (``backend.attention``). Full fine-tuning
    with ``ewc_lambda`` also estimates the Fisher diagonal on general data (``backend.ewc``).
-4. ``_trainer``: a transformers ``Trainer`` with padding-free packing
+   A run with ``from_run`` starts from that run's result (``backend.preference.start_point``).
+4. ``_trainer``: stages ``dpo`` and ``orpo`` train with TRL's trainers instead, on the same
+   arguments and callbacks (``backend.preference``); stage ``sft``: a transformers ``Trainer`` with padding-free packing
    (``DataCollatorWithFlattening``: a batch is one row of concatenated examples whose
    ``position_ids`` restart per example, so attention never crosses examples and no token is
    padding), warmup + cosine, gradient clipping, accumulation, checkpoints every ``save_steps``
@@ -51,7 +53,7 @@ import torch
 from transformers import DataCollatorWithFlattening, Trainer, TrainerCallback, set_seed
 
 from . import data as data_mod
-from . import memory, models, template, trackers
+from . import memory, models, preference, template, trackers
 from .attention import use_packed_attention
 from .config import RunSpec
 from .runs import COMPLETE_MARK, RunFolder, format_duration
@@ -63,6 +65,7 @@ def train(spec: RunSpec, run_dir: str | Path, resume: bool = False, load_base=No
     """Train ``spec`` into ``run_dir``; returns the finished run folder. ``load_base``: how the base
     model is loaded (default ``models.load_base``; the bench passes one that counts tokens)."""
     run = RunFolder(run_dir) if _is_main_process() else _Replica(run_dir)
+    spec = preference.start_point(spec)  # from_run: its base model and LoRA settings, recorded in config.yaml
     checkpoint = _start(run, spec, resume)
     _handle_sigterm()
     try:
@@ -81,10 +84,15 @@ def train(spec: RunSpec, run_dir: str | Path, resume: bool = False, load_base=No
         run.add_notices(notices)
         run.set_status("running", device=precision.device,
                        train_rows=len(train_ds), val_rows=len(val_ds) if val_ds else 0)
-        trainer = _trainer(run, spec, model, tokenizer, train_ds, val_ds, precision)
-        trainer.ewc = _setup_ewc(spec, model, tokenizer)
-        trainer.mix_kl = spec.train.mix_kl if spec.data.mix_data and spec.data.mix_ratio else 0.0
-        trainer.reference = _reference(spec, model) if trainer.mix_kl else None
+        if preference.is_preference(spec):
+            trainer = preference.trainer(spec, model, preference.reference(spec, model), tokenizer, train_ds, val_ds,
+                                         _training_args(run, spec, val_ds, precision), [RunCallback(run)])
+            _quiet_printer(trainer)
+        else:
+            trainer = _trainer(run, spec, model, tokenizer, train_ds, val_ds, precision)
+            trainer.ewc = _setup_ewc(spec, model, tokenizer)
+            trainer.mix_kl = spec.train.mix_kl if spec.data.mix_data and spec.data.mix_ratio else 0.0
+            trainer.reference = _reference(spec, model) if trainer.mix_kl else None
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         _record_best(run, trainer)
         _save_result(run, spec, trainer, tokenizer)
@@ -167,24 +175,37 @@ def _setup_data(run: RunFolder, spec: RunSpec, tokenizer, reuse: bool):
         prepared = data_mod.prepare(d.data, fmt=d.format, mapping=d.mapping or None, tokenizer=tokenizer,
                                     max_length=d.max_length, system_prompt=d.system_prompt,
                                     val_size=d.val_size, seed=spec.train.seed)
-        if d.augment_k > 0:
-            added = _augment(spec, prepared.train)
-            prepared.train = prepared.train + added
-            prepared.summary["notes"].append(f"augmentation: {len(added)} paraphrased rows added to "
-                                             f"{len(prepared.train) - len(added)} training rows (marked augmented_from)")
-        if d.mix_data and d.mix_ratio > 0:
-            general = _general_rows(run, spec, tokenizer, round(d.mix_ratio * len(prepared.train)))
-            prepared.train = prepared.train + general
-            print(f"mixed {len(general)} general rows from {d.mix_data} into "
-                  f"{len(prepared.train) - len(general)} training rows", flush=True)
-        else:
-            print("notice: mix_data is off: no general data mixed in against forgetting", flush=True)
+        if not preference.is_preference(spec):
+            _augment_and_mix(run, spec, tokenizer, prepared)
+        elif d.mix_data and d.mix_ratio:  # replay rows are answers to learn, not pairs to prefer
+            prepared.summary["notes"].append(f"stage {spec.model.stage}: mix_data is not mixed into preference "
+                                             "pairs; beta keeps the model near its start")
         if not isinstance(run, _Replica):
             data_mod.save_split(prepared, run.data_dir)
         train_rows, val_rows, summary = prepared.train, prepared.val, prepared.summary
+    if preference.is_preference(spec):  # TRL renders and tokenizes the pairs itself, with the same template
+        return (preference.trl_rows(train_rows, d.system_prompt),
+                preference.trl_rows(val_rows, d.system_prompt) if val_rows else None, summary)
     train_ds = _tokenize(tokenizer, train_rows, d)
     val_ds = _tokenize(tokenizer, val_rows, d) if val_rows else None
     return train_ds, val_ds, summary
+
+
+def _augment_and_mix(run, spec: RunSpec, tokenizer, prepared) -> None:
+    """SFT: add ``augment_k`` paraphrases, then mix general rows in (``mix_data``/``mix_ratio``)."""
+    d = spec.data
+    if d.augment_k > 0:
+        added = _augment(spec, prepared.train)
+        prepared.train = prepared.train + added
+        prepared.summary["notes"].append(f"augmentation: {len(added)} paraphrased rows added to "
+                                         f"{len(prepared.train) - len(added)} training rows (marked augmented_from)")
+    if d.mix_data and d.mix_ratio > 0:
+        general = _general_rows(run, spec, tokenizer, round(d.mix_ratio * len(prepared.train)))
+        prepared.train = prepared.train + general
+        print(f"mixed {len(general)} general rows from {d.mix_data} into "
+              f"{len(prepared.train) - len(general)} training rows", flush=True)
+    else:
+        print("notice: mix_data is off: no general data mixed in against forgetting", flush=True)
 
 
 def _augment(spec: RunSpec, rows: list) -> list[dict]:
@@ -264,7 +285,10 @@ def _setup_model(spec: RunSpec, total_steps: int = 1, load_base=None):
         models.resolve_model(spec.model.model), spec.model.method, spec.model.trust_remote_code
     )
     use_packed_attention(model)  # packed rows: attention per example, not over a block-diagonal mask
+    adapter = preference.start_adapter(spec)  # from_run with a LoRA/QLoRA result
     if spec.model.method == "full":
+        if adapter is not None:  # a full run from an adapter run: its start is base + adapter, merged
+            model = models.load_adapter(model, adapter).merge_and_unload()
         return model, precision
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -273,6 +297,8 @@ def _setup_model(spec: RunSpec, total_steps: int = 1, load_base=None):
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=spec.train.gradient_checkpointing
         )
+    if adapter is not None:  # go on training the parent's adapter (TRL keeps a frozen copy as DPO's reference)
+        return models.load_adapter(model, adapter, trainable=True), precision
     common = dict(lora_alpha=lo.lora_alpha, lora_dropout=lo.lora_dropout, target_modules=lo.target_modules,
                   bias=lo.bias, modules_to_save=lo.modules_to_save, task_type="CAUSAL_LM")
     if lo.use_adalora:
@@ -334,13 +360,12 @@ def _setup_ewc(spec: RunSpec, model, tokenizer):
 
 
 # -- 4. trainer ---------------------------------------------------------------------------------
-def _trainer(run, spec, model, tokenizer, train_ds, val_ds, precision):
-    from transformers import PrinterCallback, TrainingArguments
-
+def _training_args(run, spec, val_ds, precision) -> dict:
+    """The Trainer's arguments from the spec (TrainingArguments' keys; TRL's configs take them too)."""
     t = spec.train
     trackers.setup(t.report_to)
     early_stop = bool(t.early_stopping_patience) and val_ds is not None
-    args = TrainingArguments(
+    return dict(
         output_dir=str(run.checkpoints_dir),
         learning_rate=t.learning_rate,
         num_train_epochs=t.num_train_epochs,
@@ -376,6 +401,20 @@ def _trainer(run, spec, model, tokenizer, train_ds, val_ds, precision):
         dataloader_num_workers=0,
         remove_unused_columns=False,
     )
+
+
+def _quiet_printer(trainer) -> None:
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # RunCallback prints one readable line per log
+
+
+def _trainer(run, spec, model, tokenizer, train_ds, val_ds, precision):
+    from transformers import TrainingArguments
+
+    t = spec.train
+    early_stop = bool(t.early_stopping_patience) and val_ds is not None
+    args = TrainingArguments(**_training_args(run, spec, val_ds, precision))
     trainer = StudioTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
         data_collator=_Collator(), processing_class=tokenizer,
@@ -388,7 +427,7 @@ def _trainer(run, spec, model, tokenizer, train_ds, val_ds, precision):
     if spec.lora.use_adalora and spec.model.method != "full":
         trainer.adalora = True
         trainer.add_callback(AdaLoraCallback())
-    trainer.remove_callback(PrinterCallback)  # RunCallback prints one readable line per log
+    _quiet_printer(trainer)
     trackers.place_tensorboard(trainer, run.path)
     return trainer
 
@@ -532,6 +571,7 @@ class RunCallback(TrainerCallback):
             record["eval_loss"] = logs["eval_loss"]
         else:
             return
+        record.update(preference.logged_metrics(logs))  # DPO/ORPO: rewards/chosen, rewards/margins, ...
         record.update(elapsed_s=round(elapsed, 2), eta_s=round(eta, 1),
                       memory_mb=round(memory.peak_memory_mb(), 1))
         self.run.append_metrics(record)
@@ -579,6 +619,7 @@ def _save_result(run: RunFolder, spec: RunSpec, trainer, tokenizer) -> None:
     trainer.save_model(str(target))
     if trainer.args.should_save:
         (target / "training_args.bin").unlink(missing_ok=True)  # already in config.yaml
+        shutil.rmtree(target / "ref", ignore_errors=True)  # TRL's frozen copy of the start (DPO's reference)
         tokenizer.save_pretrained(target)
 
 

@@ -23,14 +23,14 @@ def help_of(key: str) -> str:
     return next(s.help for s in settings() if s.name == key)
 
 
-def highlight(sample: str) -> str:
+def highlight(sample: str, color: str = "#c7f0c2") -> str:
     """The sample with its [[loss-covered]] spans highlighted, as safe HTML."""
     out, rest = [], sample
     while "[[" in rest and "]]" in rest.split("[[", 1)[1]:
         before, after = rest.split("[[", 1)
         inside, rest = after.split("]]", 1)
         out.append(html.escape(before))
-        out.append(f'<mark style="background:#c7f0c2">{html.escape(inside)}</mark>')
+        out.append(f'<mark style="background:{color}">{html.escape(inside)}</mark>')
     out.append(html.escape(rest))
     return f'<pre style="white-space:pre-wrap">{"".join(out)}</pre>'
 
@@ -54,7 +54,11 @@ def check_dataset(file, fmt, mapping, system_prompt, max_length, request: gr.Req
                  f"max {lengths['max']}; {s['truncated']} longer than {int(max_length)} (truncated, not dropped)"]
     lines += [f"note: {n}" for n in s.get("notes", [])]
     row_tokens = min(s["block_length"], s["tokens"]) if s["format"] == "text" else lengths["p95"]  # a packed block
-    return "\n\n".join(lines), highlight(s["sample"]), pd.DataFrame(s["length_histogram"]), stored, row_tokens
+    sample = highlight(s["sample"])
+    if s.get("sample_rejected"):  # a preference pair: the prompt with each answer, as the model sees them
+        lines.append("A preference pair (stages dpo and orpo): the chosen answer in green, the rejected one in red.")
+        sample = f"<b>chosen</b>{sample}<b>rejected</b>{highlight(s['sample_rejected'], '#f6c5c5')}"
+    return "\n\n".join(lines), sample, pd.DataFrame(s["length_histogram"]), stored, row_tokens
 
 
 def create_data_tab():

@@ -11,10 +11,10 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from backend import forgetting, playground, service
+from backend import forgetting, playground, preference, service
 from backend.evaluate import evaluate
 
-from .common import error, run_dir_of
+from .common import error, job_of, run_dir_of
 from .i18n import t
 
 FORGET_COLUMNS = ["question", "base answer", "tuned answer"]
@@ -144,13 +144,26 @@ class Handlers:
         s = playground.vote_summary(run_dir)
         rate = "–" if s["tuned_win_rate"] is None else f"{100 * s['tuned_win_rate']:.0f}%"
         info = (f"A was **{shown[0]}**, B was **{shown[1]}**.  \nTuned win rate {rate} over {s['votes']} votes "
-                f"(tuned {s['tuned']}, base {s['base']}, tie {s['tie']}, both bad {s['both_bad']}).")
+                f"(tuned {s['tuned']}, base {s['base']}, tie {s['tie']}, both bad {s['both_bad']}).  \n"
+                f"{len(playground.preference_pairs(run_dir))} preference pairs for 'Train on these votes' "
+                f"(needs {preference.MIN_VOTE_PAIRS}).")
         return gr.Row(visible=False), info, *labels(False, shown)
 
     def do_pairs(self, run_value, request: gr.Request):
         run_dir = run_dir_of(self.queue, run_value, request)
         out = Path(tempfile.mkdtemp(prefix="studio-pairs-")) / f"{Path(run_dir).name}-dpo.jsonl"
         return str(playground.export_pairs(run_dir, out))
+
+    def do_train_votes(self, run_value, request: gr.Request):
+        """Queue a DPO run on this run's decisive votes, starting from this run."""
+        job = job_of(self.queue, run_value, request)
+        try:
+            run_id, n = service.train_on_votes(self.queue, job.run_id, service.caller(request))
+        except (ValueError, PermissionError) as exc:
+            raise error(exc)
+        return (f"Queued **{run_id}**: DPO on {n} pairs from your votes, starting from {job.run_id} (also its "
+                f"reference). Follow it in the Runs tab; then compare it with {job.run_id} and the base under "
+                f"'{t('several_runs')}'.")
 
     def do_several(self, request: gr.Request, run_value, other_values, text, *values):
         dirs = [run_dir_of(self.queue, r, request) for r in [run_value, *(other_values or [])] if r]
@@ -235,7 +248,9 @@ def create_playground_tab(queue):
     vote_info = gr.Markdown()
     with gr.Row():
         pairs_btn = gr.Button(t("export_pairs"))
+        votes_btn = gr.Button(f"Train on these votes (DPO, at least {preference.MIN_VOTE_PAIRS} decisive votes)")
         pairs_file = gr.File(label=t("export_pairs"), interactive=False, visible=False)
+    votes_info = gr.Markdown()
 
     with gr.Accordion(t("several_runs"), open=False):
         others = gr.Dropdown([], multiselect=True, label=t("several_runs"), allow_custom_value=True)
@@ -283,6 +298,7 @@ def create_playground_tab(queue):
         return dict(fn=lambda: gr.File(visible=True), inputs=None, outputs=component, api_visibility="private")
 
     pairs_btn.click(h.do_pairs, [run], [pairs_file], api_name="preference_pairs").then(**show(pairs_file))
+    votes_btn.click(h.do_train_votes, [run], [votes_info], api_name="train_on_votes")
     several_btn.click(h.do_several, [run, others, prompt, *settings], [several_out], api_name="compare_runs")
     load_val.click(h.do_load_val, [run], [prompts], api_visibility="private")
     batch_btn.click(h.do_batch, [run, checkpoint, prompts, *settings], [batch_table, batch_files],

@@ -53,13 +53,16 @@ def create_runs_tab(queue):
 
     def show(run_id, request: gr.Request):
         if not run_id:
-            return "", None, ""
+            return "", None, "", gr.LinePlot(visible=False)
         try:
             view = service.run_view(access.job_for(queue, run_id, service.caller(request)).run_dir)
         except access.AccessError as exc:
-            return str(exc), None, ""
+            return str(exc), None, "", gr.LinePlot(visible=False)
         frame = pd.DataFrame(view["loss"], columns=["step", "loss", "kind"])
-        return detail_markdown(view), frame, "\n".join(view["log"])
+        # DPO/ORPO runs: TRL's rewards of chosen and rejected answers, their margin and accuracy
+        rewards = pd.DataFrame(view["rewards"], columns=["step", "value", "kind"])
+        return (detail_markdown(view), frame, "\n".join(view["log"]),
+                gr.LinePlot(rewards, visible=bool(view["rewards"])))
 
     def refresh(run_id, shown="", request: gr.Request = None):
         """The table, and the selected run's detail unless it is what the page already shows
@@ -71,7 +74,7 @@ def create_runs_tab(queue):
                f"|{hash(tuple(ids))}")
         picked = gr.Dropdown(choices=ids)  # the runs to compare: offered from the same list
         if sig == shown:  # nothing new: an update would redraw the plot and close an open run list
-            detail, picked = (gr.skip(), gr.skip(), gr.skip()), gr.skip()
+            detail, picked = (gr.skip(), gr.skip(), gr.skip(), gr.skip()), gr.skip()
         return (table(request), gr.Dropdown(choices=ids, value=selected), *detail, sig, picked)
 
     def act(action, run_id, request: gr.Request):
@@ -95,6 +98,7 @@ def create_runs_tab(queue):
     detail = gr.Markdown()
     curve = gr.LinePlot(x="step", y="loss", color="kind", label=t("loss"), height=300)
     log = gr.Textbox(label=t("log"), lines=10, max_lines=10)
+    rewards = gr.LinePlot(x="step", y="value", color="kind", label="rewards (DPO/ORPO)", height=300, visible=False)
     shown = gr.State("")
     with gr.Accordion(t("compare"), open=False):
         picked = gr.Dropdown([], multiselect=True, allow_custom_value=True, label=t("compare_runs"))
@@ -108,11 +112,11 @@ def create_runs_tab(queue):
         with gr.Row():
             dashboard = gr.Button(t("trackio"), scale=0)
             dashboard_link = gr.Markdown()
-    outputs = [jobs, run_id, detail, curve, log, shown, picked]
+    outputs = [jobs, run_id, detail, curve, log, rewards, shown, picked]
     timer = gr.Timer(2.0)
     # off the queue: a page's polling keeps answering while playground requests fill the queue's bound
     timer.tick(refresh, [run_id, shown], outputs, api_visibility="private", show_progress="hidden", queue=False)
-    run_id.change(show, [run_id], [detail, curve, log], api_visibility="private")
+    run_id.change(show, [run_id], [detail, curve, log, rewards], api_visibility="private")
 
     def do_cancel(run_id, request: gr.Request):
         return act("cancel", run_id, request)

@@ -120,11 +120,12 @@ def preset_model_method(model, method, preset):
     return values.get("model") or "", values.get("method", method), f"```\n{preset_header(preset)}\n```"
 
 
-def review(request: gr.Request, data_path, row_tokens, config: dict):
-    """(config yaml, command, estimate markdown) for the form as it stands."""
+def review(request: gr.Request, data_path, row_tokens, config: dict, queue=None):
+    """(config yaml, command, estimate markdown) for the form as it stands (``queue``: where a
+    ``from_run`` run id is looked up)."""
     try:
         values, preset = form_values({"data": data_path or None, **(config or {})})
-        spec = service.make_spec(values, preset, service.caller(request))
+        spec = service.make_spec(values, preset, service.caller(request), queue)
     except (ConfigError, ValueError, PermissionError) as exc:
         message = access.redact(str(exc))
         return f"# error: {message}", "", f"**Error:** {message}"
@@ -161,9 +162,13 @@ def augment_preview(data_path, fmt, mapping, model, k, request: gr.Request = Non
              "\n".join(f"{d['text']!r} ({d['reason']})" for d in i["dropped"]) or "–"] for i in items]
 
 
-def create_train_tab(data_inputs: dict, submit):
+def create_train_tab(data_inputs: dict, submit, queue=None):
     """The form; ``submit(request, data_path, row_tokens, config)`` queues a run from the config
     mapping and is the ``/submit`` endpoint."""
+
+    def review_form(request: gr.Request, data_path, row_tokens, config: dict):
+        return review(request, data_path, row_tokens, config, queue)
+
     gr.Markdown(service.hardware_summary())
     initial = preset_values(None, "lora", "")
     widgets: dict[str, gr.components.Component] = {}
@@ -208,7 +213,7 @@ def create_train_tab(data_inputs: dict, submit):
     state = [data_inputs["data_path"], data_inputs["row_tokens"]]
     for w in [*keyed.values(), data_inputs["data_path"]]:
         w.change(collect, list(keyed.values()), mapping, api_visibility="private").then(
-            review, [*state, mapping], [config, command, estimate], api_visibility="private")
+            review_form, [*state, mapping], [config, command, estimate], api_visibility="private")
     preview_btn.click(augment_preview, [data_inputs["data_path"], data_inputs["format"], data_inputs["mapping"],
                                         widgets["model"], widgets["augment_k"]], [preview_table],
                       api_name="augment_preview")
