@@ -98,7 +98,10 @@ def test_gpu_config_mode_builds_random_models_on_synthetic_rows():
     for r in result["rows"]:
         assert r["error"] is None, r["error"]
         assert r["model"] == "tiny" and r["tokens_per_second"] > 0 and r["peak_memory_mb"] > 0
-        assert 24 <= r["mean_row_tokens"] <= 48  # synthetic rows are 24..48 tokens
+    # synthetic rows are 24..48 tokens: the reference pads each row; ours trains raw text as
+    # continued pretraining, rows packed into blocks of seq_len, so a row may be cut between blocks
+    assert 24 <= result["rows"][0]["mean_row_tokens"] <= 48
+    assert 0 < result["rows"][1]["mean_row_tokens"] <= 48
     assert result["rows"][0]["padding_share"] > 0 and result["rows"][1]["padding_share"] == 0
 
 
