@@ -308,6 +308,10 @@ def _data_and_training(sub) -> None:
     s.add_argument("--resume", action="store_true")
     s.set_defaults(func=cmd_train)
 
+
+CHECKPOINT_HELP = "a checkpoint folder name, or 'result' (default: the recommended checkpoint, else the result)"
+
+
 def _runs(sub) -> None:
     """What is done with a run: generate, eval, export, forgetting."""
     s = sub.add_parser("generate", help="answer a prompt with the base and/or tuned model")
@@ -316,8 +320,7 @@ def _runs(sub) -> None:
     s.add_argument("--side", default="both", choices=["base", "tuned", "both"])
     s.add_argument("--completion", action="store_true",
                    help="continue the prompt as raw text, without the chat template (raw-text runs)")
-    s.add_argument("--checkpoint", help="a checkpoint folder name, or 'result' (default: the recommended "
-                                        "checkpoint, else the result)")
+    s.add_argument("--checkpoint", help=CHECKPOINT_HELP)
     s.add_argument("--system")
     s.add_argument("--max-new-tokens", type=int, default=256)
     s.add_argument("--temperature", type=float, default=0.0)
@@ -328,8 +331,7 @@ def _runs(sub) -> None:
     s = sub.add_parser("eval", help="loss and perplexity, base vs tuned")
     s.add_argument("--run", required=True)
     s.add_argument("--data")
-    s.add_argument("--checkpoint", help="a checkpoint folder name, or 'result' (default: the recommended "
-                                        "checkpoint, else the result)")
+    s.add_argument("--checkpoint", help=CHECKPOINT_HELP)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_eval)
 
@@ -348,8 +350,7 @@ def _runs(sub) -> None:
                                                   "in-app model's greedy answers to the validation prompts")
     s.add_argument("--quant", help="with --gguf: f16 (default), q8_0 or q4_0")
     s.add_argument("--ollama", metavar="DIR", help="with --gguf: write an Ollama Modelfile into this folder")
-    s.add_argument("--checkpoint", help="with --gguf: a checkpoint folder name, or 'result' (default: the "
-                                        "recommended checkpoint, else the result)")
+    s.add_argument("--checkpoint", help=f"with --gguf: {CHECKPOINT_HELP}")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_export)
 
@@ -359,8 +360,7 @@ def _runs(sub) -> None:
                                    "shipped questions rewrites RUN/forgetting.json; other questions or a "
                                    "checkpoint are printed only.")
     s.add_argument("--run", required=True)
-    s.add_argument("--checkpoint", help="a checkpoint folder name, or 'result' (default: the recommended "
-                                        "checkpoint, else the result)")
+    s.add_argument("--checkpoint", help=CHECKPOINT_HELP)
     s.add_argument("--questions", help="a JSON file of {\"question\", \"answers\": [...]} (default: the shipped set)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_forgetting)

@@ -144,3 +144,22 @@ def loaded(lora_run):
     from backend import playground
 
     return playground.load_run(lora_run)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(queue, **launch_kwargs):
+    """The app built on ``queue`` and launched on a free loopback port: ``(demo, url)``; close with
+    ``demo.close()``."""
+    import app
+
+    port = free_port()
+    demo = app.build_ui(queue)
+    app.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, **launch_kwargs)
+    return demo, f"http://127.0.0.1:{port}/"

@@ -1,11 +1,11 @@
 """The web app: builds; its handlers call the backend; a launched app driven through gradio_client
 queues a real run of the embedded model and reports it completed."""
 
-import socket
 import time
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 from backend import access, service
 from backend.jobs import Queue, Worker
@@ -56,12 +56,6 @@ def test_cli_command_round_trips_to_the_same_spec(tmp_path):
     a = build_parser().parse_args(argv)
     again = build_spec({**parse_set(a.set), "method": a.method, "data": a.data}, a.preset)
     assert again == spec
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -4,11 +4,11 @@ in the Playground; screenshots are saved."""
 
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 
 import pytest
+from conftest import serve
 
 from backend.jobs import Queue, Worker
 
@@ -22,22 +22,12 @@ pytestmark = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_upload_queue_and_watch_a_run_in_the_browser(tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
-    import app
-
     queue = Queue(db_path=tmp_path / "jobs.sqlite3", runs_root=tmp_path / "runs")
     worker = Worker(queue, poll_s=0.5).start()
-    port = free_port()
-    demo = app.build_ui(queue)
-    app.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
+    demo, url = serve(queue)
     SHOTS.mkdir(parents=True, exist_ok=True)
     try:
         with sync_playwright() as p:
@@ -46,7 +36,7 @@ def test_upload_queue_and_watch_a_run_in_the_browser(tmp_path):
                 args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                       "--disable-component-update", "--disable-sync", "--no-first-run"])
             page = browser.new_page(viewport={"width": 1280, "height": 1400})
-            page.goto(f"http://127.0.0.1:{port}/")
+            page.goto(url)
             page.locator("input[type=file]").first.set_input_files(str(FIXTURES / "alpaca.json"))
             expect(page.get_by_text("3 rows")).to_be_visible(timeout=60_000)
             expect(page.locator("mark").first).to_be_visible()
@@ -104,7 +94,6 @@ def test_two_runs_lines_on_the_comparison_plot(tmp_path):
     from conftest import completed_job
     from playwright.sync_api import expect, sync_playwright
 
-    import app
     from backend.presets import build_spec
 
     queue = Queue(db_path=tmp_path / "jobs.sqlite3", runs_root=tmp_path / "runs")
@@ -115,16 +104,14 @@ def test_two_runs_lines_on_the_comparison_plot(tmp_path):
             job.run.append_metrics({"step": step, "loss": lr * 1000 / step})
             job.run.append_metrics({"step": step, "eval_loss": lr * 800 / step})
         ids.append(job.run_id)
-    port = free_port()
-    demo = app.build_ui(queue)
-    app.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
+    demo, url = serve(queue)
     SHOTS.mkdir(parents=True, exist_ok=True)
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=shutil.which("chromium"),
                                         args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
             page = browser.new_page(viewport={"width": 1280, "height": 1600})
-            page.goto(f"http://127.0.0.1:{port}/")
+            page.goto(url)
             page.get_by_role("tab", name="Runs").click()
             page.get_by_text("Compare runs").first.click()  # the accordion
             picker = page.get_by_label("Runs to compare", exact=False)

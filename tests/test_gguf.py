@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_spec
+from conftest import serve, tiny_spec
 
 from backend import export, gguf_export, models, template
 from backend import train as train_mod
@@ -375,13 +375,11 @@ def test_cli_bad_gguf_export_is_one_error_line(run, tmp_path, capsys, args, frag
 def test_the_export_gguf_endpoint_writes_into_the_run_folder(run, tmp_path, monkeypatch):
     """/export_gguf names the run by id and the type only; the server puts the file and its
     Modelfile in RUN_DIR/gguf/TYPE and answers with the parity, without server paths."""
-    import socket
     import time
 
     from gradio_client import Client
     from gradio_client.exceptions import AppError
 
-    import app
     from backend.jobs import Queue
 
     monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "home"))
@@ -390,13 +388,9 @@ def test_the_export_gguf_endpoint_writes_into_the_run_folder(run, tmp_path, monk
     job = queue.submit(RunFolder(run).spec())
     shutil.copytree(run, job.run_dir, dirs_exist_ok=True)  # the module's trained run, queued and completed
     queue._transition(job.run_id, ("queued",), state="completed", ended_at=time.time())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    demo = app.build_ui(queue)
-    app.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
+    demo, url = serve(queue)
     try:
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        client = Client(url, verbose=False)
         message = client.predict(job.run_id, "q8_0", api_name="/export_gguf")
         assert "answered token for token" in message and "Modelfile" in message and str(tmp_path) not in message
         folder = Path(job.run_dir) / "gguf" / "q8_0"

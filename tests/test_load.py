@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+from conftest import free_port
 
 from backend import playground
 from backend.jobs import Queue, Worker
@@ -25,14 +26,6 @@ LOAD_S = 12.0  # seconds of load
 TIMEOUT_S = 60.0  # the longest any one request may take: beyond it, it hangs
 BACKOFF_S = 1.0  # a client told "queue full" asks again after this long
 SETTINGS = ("", 48, 0.0, 1.0, 50, 1.0, 0)  # system, max_new_tokens, temperature, top_p, top_k, rep. penalty, seed
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def finished_run(queue, model_dir, data) -> str:

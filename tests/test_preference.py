@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli, tiny_spec, wait_for
+from conftest import cli, serve, tiny_spec, wait_for
 from safetensors.torch import load_file
 
 from backend import data, models, template
@@ -241,7 +241,6 @@ def test_resume_after_sigkill_matches_an_uninterrupted_dpo_run(tmp_path, tiny_mo
 # -- the web app: "Train on these votes" -----------------------------------------------------------
 def test_train_on_these_votes_through_gradio_client(tmp_path, monkeypatch, tiny_model_dir, tiny_data, lora_run):
     import shutil
-    import socket
 
     from conftest import completed_job
     from gradio_client import Client
@@ -263,13 +262,9 @@ def test_train_on_these_votes_through_gradio_client(tmp_path, monkeypatch, tiny_
     for i in range(7):
         playground.record_vote(mine.run_dir, f"Who are you? ({i})", ("tuned", "base"), answers, "A", user="alice")
     playground.record_vote(mine.run_dir, "Hi", ("tuned", "base"), answers, "tie", user="alice")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    demo = app.build_ui(queue)
-    app.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
+    demo, url = serve(queue)
     try:
-        client = Client(f"http://127.0.0.1:{port}", auth=("alice", "pw1"), verbose=False)
+        client = Client(url, auth=("alice", "pw1"), verbose=False)
         with pytest.raises(Exception, match="7 decisive votes on .* needs at least 8"):
             client.predict(mine.run_id, api_name="/train_on_votes")
         playground.record_vote(mine.run_dir, "Who?", ("base", "tuned"), answers, "B", user="alice")

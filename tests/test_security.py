@@ -7,7 +7,6 @@ stand-in adapter, validation rows, a checkpoint); bob owns one too. Nothing here
 """
 
 import json
-import socket
 import time
 import uuid
 from pathlib import Path
@@ -15,6 +14,7 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
+from conftest import free_port
 
 from backend import access, service
 from backend.jobs import Queue
@@ -23,12 +23,6 @@ from backend.runs import COMPLETE_MARK
 
 FIXTURES = Path(__file__).resolve().parent / "data"
 USERS = {"admin": "root pw", "alice": "alice pw", "bob": "bob pw"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def finished_run(queue, owner, secret):
