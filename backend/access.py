@@ -121,10 +121,16 @@ def _server_path(key: str, value: str) -> str | None:
     return value
 
 
+# trackio and mlflow write to one store under STUDIO_HOME, wandb to the server's account: every
+# user's runs in one place; tensorboard writes into the run's own folder
+PRIVATE_TRACKERS = {"tensorboard"}
+
+
 def confine_paths(values: dict, caller: Caller) -> None:
     """Refuse a web user's settings that name server files outside what they may read (their own
     uploads, the shipped sets, ``STUDIO_ALLOWED_PATHS``), or that run code on the server
-    (``trust_remote_code``, the admin's alone). ``values``: flat keys as in ``--set``."""
+    (``trust_remote_code``) or log where every user's runs meet (``report_to`` other than
+    tensorboard): both the admin's alone. ``values``: flat keys as in ``--set``."""
     from .models import EMBEDDED_ALIASES
 
     roots = allowed_roots(caller)
@@ -148,6 +154,10 @@ def confine_paths(values: dict, caller: Caller) -> None:
                           "allows (STUDIO_ALLOWED_PATHS) may be used from the web app")
     if values.get("trust_remote_code") and not caller.admin:  # a model repository's Python runs on the server
         raise AccessError("trust_remote_code: only the admin may run a model repository's own code on this server")
+    shared = sorted(set(values.get("report_to") or []) - PRIVATE_TRACKERS)
+    if shared and not caller.admin:
+        raise AccessError(f"report_to {', '.join(shared)}: only the admin may log to a shared store or the server's "
+                          f"tracker account; tensorboard logs into your run's own folder")
 
 
 # -- the server's Hub token ---------------------------------------------------------------------

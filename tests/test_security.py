@@ -430,3 +430,18 @@ def test_only_the_admin_runs_a_model_repositorys_own_code(tmp_path, monkeypatch)
                        caller=access.Caller("bob"))
     assert queue.list() == []
     access.confine_paths({"trust_remote_code": True}, access.Caller("admin", admin=True))
+
+
+def test_only_the_admin_logs_to_a_tracker_every_user_shares(tmp_path, monkeypatch):
+    """trackio/mlflow keep one store for all runs, wandb logs to the server's account: admin only;
+    tensorboard writes into the run's own folder, so anyone may."""
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "home"))
+    queue = Queue(tmp_path / "jobs.sqlite3", tmp_path / "home" / "runs")
+    own = service.store_upload(str(FIXTURES / "alpaca.json"), user="bob")
+    bob = access.Caller("bob")
+    for tracker in ("trackio", "wandb", "mlflow"):
+        with pytest.raises(access.AccessError, match=f"report_to {tracker}: only the admin"):
+            service.submit(queue, {"data": own, "report_to": ["tensorboard", tracker]}, caller=bob)
+    assert queue.list() == []
+    service.submit(queue, {"data": own, "report_to": ["tensorboard"]}, caller=bob)
+    access.confine_paths({"report_to": ["trackio", "wandb"]}, access.Caller("admin", admin=True))
