@@ -2,6 +2,8 @@
 
 import gradio as gr
 
+from backend.preference import MIN_VOTE_PAIRS
+
 LABELS = {
     "title": ("Fine-tuning studio", "微调工作室"),
     "augment_preview": ("Preview paraphrases (first 8 prompts)", "预览改写（前 8 条提示）"),
@@ -81,6 +83,8 @@ LABELS = {
     "seed": ("Seed", "随机种子"),
     "mix_data": ("General data mixed in against forgetting: replay (the base model's own answers, the default), "
                  "none, or a file path", "混入通用数据以防遗忘：replay（基座模型自己的回答，默认）、none 或文件路径"),
+    "train_votes": (f"Train on these votes (DPO, at least {MIN_VOTE_PAIRS} decisive votes)",
+                    f"用这些投票训练（DPO，至少 {MIN_VOTE_PAIRS} 条明确的投票）"),
 }
 
 i18n = gr.I18n(en={k: v[0] for k, v in LABELS.items()}, zh={k: v[1] for k, v in LABELS.items()})

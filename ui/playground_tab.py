@@ -248,7 +248,7 @@ def create_playground_tab(queue):
     vote_info = gr.Markdown()
     with gr.Row():
         pairs_btn = gr.Button(t("export_pairs"))
-        votes_btn = gr.Button(f"Train on these votes (DPO, at least {preference.MIN_VOTE_PAIRS} decisive votes)")
+        votes_btn = gr.Button(t("train_votes"))
         pairs_file = gr.File(label=t("export_pairs"), interactive=False, visible=False)
     votes_info = gr.Markdown()
 
