@@ -234,7 +234,9 @@ def generate_rows(loaded: LoadedRun, rows: list[tuple[str, list[dict] | str]], s
                    for side in ("base", "tuned") if by_side[side]]]
     else:  # LoRA/QLoRA: one batched call, each row names its adapter
         adapter = loaded.adapter
-        names = [BASE_ADAPTER if side == "base" else adapter for side, _ in rows] if adapter else None
+        # a side other than base/tuned names another adapter loaded on the model (the advisor's checkpoints)
+        names = [BASE_ADAPTER if side == "base" else adapter if side == "tuned" else side
+                 for side, _ in rows] if adapter else None
         groups = [[(loaded.base, list(range(len(rows))), names, nullcontext())]]
     errors: list[BaseException] = []
 

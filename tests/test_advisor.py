@@ -184,3 +184,18 @@ def test_a_raw_text_document_is_scored_as_a_completion_of_its_first_half():
                                     "completion": True}
     chat = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
     assert advisor._prompt(chat) == {"prompt": "Q", "reference": "A"}
+
+
+def test_checkpoints_answered_in_one_batch_score_as_when_loaded_one_at_a_time(advised_run):
+    from backend.data import load_split
+
+    train_rows, val_rows = load_split(advised_run.data_dir, rows=True)
+    prompts = [advisor._prompt(r["messages"]) for r in (val_rows or train_rows)][:advisor.PROMPTS]
+    names = [p.name for p in advised_run.checkpoints()]
+    alone = {}
+    for name in names:
+        loaded = playground.load_run(advised_run.path, name)
+        rows = advisor._rows(prompts, "tuned")
+        alone[name] = playground.generate_rows(loaded, rows, max_new_tokens=advisor.MAX_NEW_TOKENS)
+    assert len({tuple(a) for a in alone.values()}) > 1, "the checkpoints answer alike: the test proves nothing"
+    assert advisor.checkpoint_answers(advised_run.path, names, prompts)[0] == alone
