@@ -201,6 +201,19 @@ def test_the_parent_side_is_the_parent_runs_result_and_the_tuned_side_the_new_ru
         playground.compare(child, prompt, ("parent", "tuned"), max_new_tokens=4)  # not loaded
 
 
+def test_the_cli_generates_against_the_parent_run(dpo_run, lora_run):
+    from conftest import cli
+
+    prompt = "Who are you? (3)"
+    expected = playground.compare(playground.load_run(dpo_run, "result"), prompt, ("parent", "tuned"),
+                                  parent=playground.load_run(lora_run, "result"), max_new_tokens=12)
+    out = cli("generate", "--run", dpo_run, "--prompt", prompt, "--against", "parent", "--max-new-tokens", 12,
+              "--checkpoint", "result", "--json")
+    assert json.loads(out.stdout) == expected
+    proc = cli("generate", "--run", lora_run, "--prompt", prompt, "--against", "parent", check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("error:") and "this run has no parent run" in proc.stderr
+
+
 def test_votes_record_the_opponent_and_the_summary_splits_per_opponent(tmp_path):
     from backend import data
 
