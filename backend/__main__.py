@@ -113,12 +113,15 @@ def _load(a):
 
 
 def cmd_generate(a) -> int:
-    from .playground import compare
+    from .playground import compare, load_run, parent_dir
 
-    sides = ("base", "tuned") if a.side == "both" else (a.side,)
+    opponent = a.against
+    sides = (opponent, "tuned") if a.side == "both" else ("tuned",) if a.side == "tuned" else (opponent,)
+    # the parent run at its final result: what this run started from
+    parent = {"parent": load_run(parent_dir(a.run), "result")} if opponent == "parent" else {}
     loaded = _load(a)
     answers = compare(loaded, a.prompt, sides=sides, completion=a.completion, system_prompt=a.system,
-                      max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed)
+                      max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed, **parent)
     if a.json:
         print(json.dumps(answers, ensure_ascii=False))
     else:
@@ -318,6 +321,9 @@ def _runs(sub) -> None:
     s.add_argument("--run", required=True)
     s.add_argument("--prompt", required=True)
     s.add_argument("--side", default="both", choices=["base", "tuned", "both"])
+    s.add_argument("--against", default="base", choices=["base", "parent"],
+                   help="what the tuned side is compared with: the base model, or (a run made with --from) the "
+                        "parent run's result; with --side base it is answered alone")
     s.add_argument("--completion", action="store_true",
                    help="continue the prompt as raw text, without the chat template (raw-text runs)")
     s.add_argument("--checkpoint", help=CHECKPOINT_HELP)

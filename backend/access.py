@@ -65,6 +65,19 @@ def job_for(queue, run_id: str, caller: Caller):
     return job
 
 
+def parent_job(queue, job, caller: Caller):
+    """The job ``job`` started from (its ``from_run``), for the Playground's "parent run" side: only
+    another run of the same owner in ``queue`` that ``caller`` may access. A ``from_run`` that is
+    no such run (a folder given on the command line, another user's, a deleted run) is refused."""
+    from .playground import parent_dir
+
+    folder = Path(parent_dir(job.run_dir)).resolve()
+    for other in queue.list(owner=job.owner) if may_access(job.owner, caller) else []:
+        if other.run_id != job.run_id and other.run_dir and Path(other.run_dir).resolve() == folder:
+            return other
+    raise AccessError(f"the parent run of {job.run_id} is not a run of yours here: it cannot be compared")
+
+
 def run_keys(queue, values: dict, caller: Caller) -> dict:
     """``values`` with each ``RUN_KEYS`` setting, a run id from the web, replaced by that run's folder
     when ``caller`` may use the run (``job_for``: unknown and not-theirs answer alike)."""

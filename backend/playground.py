@@ -13,9 +13,17 @@ mixed batches do not support) toggles the adapter off for the base side, then on
 lock. ``CACHE`` keeps the loaded runs (least recently used evicted); ``CACHE.release()`` frees them
 when a training job needs the GPU.
 
+Opponents: the tuned side is compared with the base model (``"base"``), or, for a run started
+from another run (``from_run``: a DPO/ORPO run on an SFT run), with that parent run's result
+(``"parent"``: ``parent_dir``; pass the parent's ``LoadedRun`` as ``parent=`` and name the side
+``"parent"``). The parent is loaded as its own run (``CACHE.get(parent, "result")``: the final result,
+which is what the child started from) and its rows are generated beside the child's, with the
+same settings and the child's system prompt.
+
 Blind A/B: ``blind_order`` shuffles which side shows as A; ``record_vote`` appends to the run's
-``votes.jsonl``; ``vote_summary`` gives the tuned model's win rate; ``preference_pairs`` turns the
-decisive votes into ``{prompt, chosen, rejected}`` rows for DPO.
+``votes.jsonl`` (with the opponent); ``vote_summary`` gives the tuned model's win rate, overall and
+per opponent; ``preference_pairs`` turns the decisive votes into ``{prompt, chosen, rejected}`` rows
+for DPO.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from .runs import RunFolder
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
 VOTES = ("A", "B", "tie", "both_bad")
+OPPONENTS = ("base", "parent")  # what the tuned side is compared with: the base model, or the parent run's result
 
 
 class RunError(ValueError):
@@ -124,6 +133,21 @@ def load_run(run_dir, checkpoint: str | None = None) -> LoadedRun:
         base = models.load_adapter(base, result)
     base.eval()
     return LoadedRun(spec, tokenizer, base, tuned, threading.Lock(), str(run_dir), checkpoint)
+
+
+def parent_dir(run_dir) -> str:
+    """The folder of the run ``run_dir`` started from (its ``from_run``). The web app checks that it is
+    a run of the same user (``access.parent_job``) before loading it."""
+    from_run = RunFolder(run_dir).spec().model.from_run
+    if not from_run:
+        raise RunError(f"{Path(run_dir).name}: this run has no parent run (it did not start from another run)")
+    return from_run
+
+
+def has_parent(run_dir) -> bool:
+    """Whether the run started from another run (the Playground then offers the parent as opponent)."""
+    run = RunFolder(run_dir)
+    return run.exists() and bool(run.spec().model.from_run)
 
 
 class ModelCache:
@@ -209,14 +233,23 @@ def _generate_group(loaded: LoadedRun, model, prompts: list[list[int]], adapter_
 
 def generate_rows(loaded: LoadedRun, rows: list[tuple[str, list[dict] | str]], system_prompt: str | None = None,
                   max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 50,
-                  repetition_penalty: float = 1.0, seed: int = 0, on_update=None) -> list[str]:
+                  repetition_penalty: float = 1.0, seed: int = 0, on_update=None,
+                  parent: LoadedRun | None = None) -> list[str]:
     """Answer every ``(side, messages)`` row at once; returns the answers. A row whose messages are a
     string is a completion: the text is continued as raw text, without the chat template or system
     prompt (``template.text_prompt_ids``, as raw-text runs train). Adapter runs: one batched
     call, each row with its adapter; full runs: one batched call per model, in parallel threads;
-    DoRA and AdaLoRA runs: one call per side, in turn. ``on_update(texts)`` is called as tokens come."""
-    tok = loaded.tokenizer
+    DoRA and AdaLoRA runs: one call per side, in turn. Rows on side ``"parent"`` are answered by
+    ``parent``'s tuned model, beside the others (``_with_parent``). ``on_update(texts)`` is called as
+    tokens come."""
     system = loaded.spec.data.system_prompt if system_prompt is None else system_prompt
+    if any(side == "parent" for side, _ in rows):
+        if parent is None:
+            raise RunError(f"{Path(loaded.run_dir).name or 'this run'}: this run has no parent run loaded")
+        return _with_parent(loaded, parent, rows, on_update, system_prompt=system, max_new_tokens=max_new_tokens,
+                            temperature=temperature, top_p=top_p, top_k=top_k,
+                            repetition_penalty=repetition_penalty, seed=seed)
+    tok = loaded.tokenizer
     prompts = [template.text_prompt_ids(tok, m) if isinstance(m, str) else template.prompt_ids(tok, m, system)
                for _, m in rows]
     stop_ids = set(template.end_of_turn_ids(tok)) | {template.document_end_id(tok)}
@@ -256,6 +289,42 @@ def generate_rows(loaded: LoadedRun, rows: list[tuple[str, list[dict] | str]], s
             thread.start()
         for thread in threads:
             thread.join()
+    if errors:
+        raise errors[0]
+    return texts
+
+
+def _with_parent(loaded: LoadedRun, parent: LoadedRun, rows, on_update, **settings) -> list[str]:
+    """``rows`` with the ``"parent"`` rows answered by ``parent``'s tuned side and the rest by
+    ``loaded``, the two runs in two threads, with the same settings (``settings`` names the system
+    prompt: ``loaded``'s unless the caller gave one)."""
+    texts = [""] * len(rows)
+    lock = threading.Lock()
+    parts = [(parent, [i for i, (s, _) in enumerate(rows) if s == "parent"], "tuned"),
+             (loaded, [i for i, (s, _) in enumerate(rows) if s != "parent"], None)]
+    errors: list[BaseException] = []
+
+    def work(run, idx, side):
+        def update(sub):
+            with lock:
+                for j, i in enumerate(idx):
+                    texts[i] = sub[j]
+                if on_update is not None:
+                    on_update(list(texts))
+
+        try:
+            answers = generate_rows(run, [(side or rows[i][0], rows[i][1]) for i in idx], on_update=update, **settings)
+            with lock:
+                for j, i in enumerate(idx):
+                    texts[i] = answers[j]
+        except BaseException as exc:  # surfaced in the caller's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=part, daemon=True) for part in parts if part[1]]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     if errors:
         raise errors[0]
     return texts
@@ -362,17 +431,18 @@ def parse_prompts(text: str) -> list[dict]:
 
 
 def batch_compare(loaded: LoadedRun, prompts: list[dict], batch_size: int = 8, progress=None,
-                  **settings) -> list[dict]:
-    """Base and tuned answers for every ``{prompt, reference}``, ``batch_size`` prompts per call.
-    ``progress(done, total)`` is called after each batch."""
+                  opponent: str = "base", **settings) -> list[dict]:
+    """The opponent's (base, or ``"parent"`` with ``parent=`` given) and tuned answers for every
+    ``{prompt, reference}``, ``batch_size`` prompts per call. ``progress(done, total)`` is called after
+    each batch."""
     out = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        rows = [(side, [{"role": "user", "content": p["prompt"]}]) for p in chunk for side in ("base", "tuned")]
+        rows = [(side, [{"role": "user", "content": p["prompt"]}]) for p in chunk for side in (opponent, "tuned")]
         texts = generate_rows(loaded, rows, **settings)
         for i, p in enumerate(chunk):
             out.append({"prompt": p["prompt"], "reference": p.get("reference", ""),
-                        "base": texts[2 * i], "tuned": texts[2 * i + 1]})
+                        opponent: texts[2 * i], "tuned": texts[2 * i + 1]})
         if progress:
             progress(len(out), len(prompts))
     return out
@@ -395,7 +465,7 @@ def write_table(rows: list[dict], path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".csv":
         with path.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=["prompt", "reference", "base", "tuned"])
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["prompt", "reference", "base", "tuned"])
             writer.writeheader()
             writer.writerows({k: csv_cell(v) for k, v in row.items()} for row in rows)
     else:
@@ -404,9 +474,9 @@ def write_table(rows: list[dict], path) -> Path:
 
 
 # -- blind A/B ------------------------------------------------------------------------------------
-def blind_order(rng: random.Random | None = None) -> tuple[str, str]:
-    """Which side shows as A and which as B, shuffled per prompt."""
-    order = ["base", "tuned"]
+def blind_order(rng: random.Random | None = None, opponent: str = "base") -> tuple[str, str]:
+    """Which side shows as A and which as B (the tuned side and ``opponent``), shuffled per prompt."""
+    order = [opponent, "tuned"]
     (rng or random).shuffle(order)
     return order[0], order[1]
 
@@ -418,14 +488,16 @@ def votes_path(run_dir) -> Path:
 def record_vote(run_dir, prompt: str, order: tuple[str, str], answers: dict, vote: str,
                 user: str = "", system_prompt: str | None = None) -> dict:
     """Append one blind vote to ``RUN_DIR/votes.jsonl``: ``vote`` is A, B, tie or both_bad, about
-    the answers shown as A (``order[0]``) and B (``order[1]``)."""
+    the answers shown as A (``order[0]``) and B (``order[1]``): the tuned side and its opponent
+    (``OPPONENTS``: base or parent), recorded as ``opponent``."""
     if vote not in VOTES:
         raise ValueError(f"vote must be one of {', '.join(VOTES)}, got {vote!r}")
-    if set(order) != {"base", "tuned"} or not all(answers.get(s) is not None for s in order):
-        raise ValueError("a vote needs both answers, one from each side")
+    opponent = next((s for s in order if s != "tuned"), None)
+    if opponent not in OPPONENTS or "tuned" not in order or not all(answers.get(s) is not None for s in order):
+        raise ValueError("a vote needs both answers: the tuned side's and its opponent's (base or parent)")
     winner = {"A": order[0], "B": order[1]}.get(vote)
     record = {"time": time.time(), "user": user, "prompt": prompt, "system_prompt": system_prompt,
-              "a": order[0], "b": order[1], "answers": {s: answers[s] for s in order},
+              "a": order[0], "b": order[1], "opponent": opponent, "answers": {s: answers[s] for s in order},
               "vote": vote, "winner": winner}
     with votes_path(run_dir).open("a", encoding="utf-8") as f:
         f.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -439,16 +511,27 @@ def load_votes(run_dir) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def vote_summary(run_dir) -> dict:
-    """Counts, and the tuned model's win rate over the votes that compared (a tie counts half;
-    'both bad' is left out)."""
-    votes = load_votes(run_dir)
-    counts = {"tuned": 0, "base": 0, "tie": 0, "both_bad": 0}
+def _tally(votes: list[dict]) -> dict:
+    counts = {"tuned": 0, "base": 0, "parent": 0, "tie": 0, "both_bad": 0}
     for v in votes:
         counts[v["winner"] or v["vote"]] += 1
-    compared = counts["tuned"] + counts["base"] + counts["tie"]
+    compared = len(votes) - counts["both_bad"]
     rate = (counts["tuned"] + 0.5 * counts["tie"]) / compared if compared else None
     return {"votes": len(votes), **counts, "tuned_win_rate": rate}
+
+
+def vote_opponent(vote: dict) -> str:
+    """The side a vote compared the tuned side with (votes recorded before opponents: the base)."""
+    return vote.get("opponent") or next((s for s in (vote["a"], vote["b"]) if s != "tuned"), "base")
+
+
+def vote_summary(run_dir) -> dict:
+    """Counts, and the tuned model's win rate over the votes that compared (a tie counts half;
+    'both bad' is left out): over all votes, and per opponent in ``by_opponent`` (base, parent;
+    only those voted on)."""
+    votes = load_votes(run_dir)
+    by = {o: _tally([v for v in votes if vote_opponent(v) == o]) for o in OPPONENTS}
+    return {**_tally(votes), "by_opponent": {o: t for o, t in by.items() if t["votes"]}}
 
 
 def preference_pairs(run_dir) -> list[dict]:
@@ -456,7 +539,7 @@ def preference_pairs(run_dir) -> list[dict]:
     rejected}``, with ``system`` when the vote was given under another system prompt."""
     pairs = []
     for v in load_votes(run_dir):
-        loser = {"tuned": "base", "base": "tuned"}.get(v["winner"])
+        loser = {v["a"]: v["b"], v["b"]: v["a"]}.get(v["winner"])  # the other side shown: base or parent vs tuned
         if loser is None or v["answers"][v["winner"]] == v["answers"][loser]:  # nothing to prefer
             continue
         pair = {"prompt": v["prompt"], "chosen": v["answers"][v["winner"]], "rejected": v["answers"][loser]}

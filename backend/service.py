@@ -18,7 +18,7 @@ import yaml
 
 from . import access, advisor, data, export, forgetting, models, preference, template, trackers
 from .access import Caller
-from .config import SECTIONS, ConfigError, RunSpec
+from .config import SECTIONS, STAGE_DEFAULTS, ConfigError, RunSpec
 from .paths import studio_home
 from .presets import build_spec
 from .runs import RunFolder, overfitting_signal
@@ -238,7 +238,8 @@ def submit(queue, values: dict, preset: str | None = None, caller: Caller | None
 def train_on_votes(queue, run_id: str, caller: Caller) -> tuple[str, int]:
     """Queue a DPO run from the blind votes on ``run_id``, starting from that run (its result is the
     reference): the decisive votes become pairs in the caller's uploads. Returns (new run id, pairs).
-    Fewer than ``preference.MIN_VOTE_PAIRS`` pairs are refused."""
+    Fewer than ``preference.MIN_VOTE_PAIRS`` pairs are refused. The learning rate is stage dpo's
+    default (``config.STAGE_DEFAULTS``, set for a few tens of pairs), never the parent's SFT rate."""
     from . import playground
 
     job = access.job_for(queue, run_id, caller)
@@ -253,7 +254,8 @@ def train_on_votes(queue, run_id: str, caller: Caller) -> tuple[str, int]:
     path.write_text(text, encoding="utf-8")
     parent = job.run.spec()
     values = {"stage": "dpo", "from_run": job.run_id, "data": str(path), "method": parent.model.method,
-              "system_prompt": parent.data.system_prompt, "max_length": parent.data.max_length}
+              "system_prompt": parent.data.system_prompt, "max_length": parent.data.max_length,
+              "learning_rate": STAGE_DEFAULTS["dpo"][parent.model.method]}
     return submit(queue, values, caller=caller), len(pairs)
 
 

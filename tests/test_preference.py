@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from backend import data, models, template
 from backend import train as train_mod
-from backend.config import ConfigError
+from backend.config import STAGE_DEFAULTS, ConfigError
 from backend.data import DataError
 from backend.runs import RunFolder
 
@@ -273,6 +273,7 @@ def test_train_on_these_votes_through_gradio_client(tmp_path, monkeypatch, tiny_
         assert child.run_id in message and "8 pairs" in message and child.owner == "alice" and child.state == "queued"
         recorded = child.run.spec()
         assert recorded.model.stage == "dpo" and recorded.model.from_run == mine.run_dir
+        assert recorded.train.learning_rate == STAGE_DEFAULTS["dpo"]["lora"] == 1e-4  # not the SFT run's 5e-2
         assert recorded.data.data.startswith(str(tmp_path / "home" / "uploads"))
         assert len(data.prepare(recorded.data.data, val_size=0).train) == 8
         # another user's run is not a start, by id or by folder, here or through /submit

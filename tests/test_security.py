@@ -171,7 +171,7 @@ def test_private_handlers_check_access_when_called_by_fn_index(studio):
     http = logged_in(url, "bob")
     for name, data in (("do_load_val", [alice.run_id]), ("do_load_val", [alice.run_dir]),
                        ("stored_forgetting", [alice.run_id]), ("checkpoints", [alice.run_id]),
-                       ("show", [alice.run_id])):
+                       ("opponents", [alice.run_id]), ("show", [alice.run_id])):
         events = raw_call(http, index[name], data)
         assert events, name
         assert "ALICE-SECRET" not in json.dumps(events) and "checkpoint-1" not in json.dumps(events), (name, events)

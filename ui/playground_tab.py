@@ -11,7 +11,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from backend import forgetting, playground, preference, service
+from backend import access, forgetting, playground, preference, service
 from backend.evaluate import evaluate
 
 from .common import error, job_of, run_dir_of
@@ -25,6 +25,20 @@ def _loaded(queue, run, checkpoint, request):
     try:
         return playground.CACHE.get(run_dir, checkpoint or None)
     except playground.RunError as exc:
+        raise error(exc)
+
+
+def _parent(queue, run, opponent, request) -> dict:
+    """``{"parent": LoadedRun}`` when the tuned side is compared with the run's parent run (a run of
+    the caller's own, loaded at its final result: what this run started from), else ``{}``."""
+    if opponent in (None, "", "base"):
+        return {}
+    if opponent != "parent":
+        raise gr.Error(f"compare against base or parent, not {opponent!r}")
+    try:
+        parent = access.parent_job(queue, job_of(queue, run, request), service.caller(request))
+        return {"parent": playground.CACHE.get(parent.run_dir, "result")}
+    except (playground.RunError, access.AccessError) as exc:
         raise error(exc)
 
 
@@ -98,6 +112,14 @@ class Handlers:
         except gr.Error:
             return False
 
+    def opponents(self, run_value, request: gr.Request):
+        """"Compare against" is shown for a run started from another run (its parent)."""
+        try:
+            shown = bool(run_value) and playground.has_parent(run_dir_of(self.queue, run_value, request))
+        except (gr.Error, OSError, ValueError):
+            shown = False
+        return gr.Radio(visible=shown, value="base")
+
     def checkpoints(self, run_value, request: gr.Request):
         try:
             names = playground.list_checkpoints(run_dir_of(self.queue, run_value, request)) if run_value else []
@@ -106,13 +128,16 @@ class Handlers:
         return gr.Dropdown(choices=[""] + names + ["result"], value="")
 
     def do_send(self, request: gr.Request, run_value, ckpt, text, is_blind, chat_l, chat_r, system, max_new,
-                temperature, top_p, top_k, repetition_penalty, seed, completion=False):
+                temperature, top_p, top_k, repetition_penalty, seed, completion=False, opponent="base"):
         """One prompt on both sides, streamed. ``completion``: the prompt is continued as raw text
-        (no chat template, no history), as raw-text runs train."""
+        (no chat template, no history), as raw-text runs train. ``opponent``: what the tuned side is
+        compared with, the base model or (``"parent"``) the run this run started from."""
         if not text or not text.strip():
             raise gr.Error("type a prompt")
         loaded = _loaded(self.queue, run_value, ckpt, request)
-        sides = playground.blind_order() if is_blind else ("base", "tuned")
+        parent = _parent(self.queue, run_value, opponent, request)
+        opponent = "parent" if parent else "base"
+        sides = playground.blind_order(opponent=opponent) if is_blind else (opponent, "tuned")
         if is_blind or completion:  # one prompt at a time (blind: freshly shuffled)
             chat_l, chat_r = [], []
         chats = {sides[0]: _history(chat_l), sides[1]: _history(chat_r)}
@@ -125,7 +150,7 @@ class Handlers:
         def columns(answers):
             return [literal(messages[s] + [{"role": "assistant", "content": answers[s]}]) for s in sides]
 
-        for answers in playground.stream(loaded, prompts, sides, **_settings(*values)):
+        for answers in playground.stream(loaded, prompts, sides, **_settings(*values), **parent):
             yield (*columns(answers), sides, *labels(is_blind, sides), hidden, "")
         yield (*columns(answers), sides, *labels(is_blind, sides), gr.Row(visible=is_blind), "")
 
@@ -141,12 +166,13 @@ class Handlers:
                                    user=service.user_of(request), system_prompt=system_text or None)
         except ValueError as exc:
             raise gr.Error(str(exc))
-        s = playground.vote_summary(run_dir)
-        rate = "–" if s["tuned_win_rate"] is None else f"{100 * s['tuned_win_rate']:.0f}%"
-        info = (f"A was **{shown[0]}**, B was **{shown[1]}**.  \nTuned win rate {rate} over {s['votes']} votes "
-                f"(tuned {s['tuned']}, base {s['base']}, tie {s['tie']}, both bad {s['both_bad']}).  \n"
-                f"{len(playground.preference_pairs(run_dir))} preference pairs for 'Train on these votes' "
-                f"(needs {preference.MIN_VOTE_PAIRS}).")
+        lines = [f"A was **{shown[0]}**, B was **{shown[1]}**."]
+        for opponent, s in playground.vote_summary(run_dir)["by_opponent"].items():
+            rate = "–" if s["tuned_win_rate"] is None else f"{100 * s['tuned_win_rate']:.0f}%"
+            lines.append(f"Tuned vs {opponent}: win rate {rate} over {s['votes']} votes (tuned {s['tuned']}, "
+                         f"{opponent} {s[opponent]}, tie {s['tie']}, both bad {s['both_bad']}).")
+        info = "  \n".join(lines + [f"{len(playground.preference_pairs(run_dir))} preference pairs for 'Train on "
+                                     f"these votes' (needs {preference.MIN_VOTE_PAIRS})."])
         return gr.Row(visible=False), info, *labels(False, shown)
 
     def do_pairs(self, run_value, request: gr.Request):
@@ -162,8 +188,8 @@ class Handlers:
         except (ValueError, PermissionError) as exc:
             raise error(exc)
         return (f"Queued **{run_id}**: DPO on {n} pairs from your votes, starting from {job.run_id} (also its "
-                f"reference). Follow it in the Runs tab; then compare it with {job.run_id} and the base under "
-                f"'{t('several_runs')}'.")
+                f"reference). Follow it in the Runs tab; then pick it here and compare it with the base or with "
+                f"{job.run_id} (its parent run), blind or not.")
 
     def do_several(self, request: gr.Request, run_value, other_values, text, *values):
         dirs = [run_dir_of(self.queue, r, request) for r in [run_value, *(other_values or [])] if r]
@@ -177,17 +203,22 @@ class Handlers:
         rows = playground.default_prompts(run_dir_of(self.queue, run_value, request))
         return "\n".join(json.dumps(r, ensure_ascii=False) for r in rows)
 
-    def do_batch(self, request: gr.Request, run_value, ckpt, text, *values, progress=gr.Progress()):
+    def do_batch(self, request: gr.Request, run_value, ckpt, text, system, max_new, temperature, top_p, top_k,
+                 repetition_penalty, seed, opponent="base", progress=gr.Progress()):
+        """Every prompt on the opponent's side (base, or the parent run) and the tuned side."""
+        values = (system, max_new, temperature, top_p, top_k, repetition_penalty, seed)
         rows = playground.parse_prompts(text)
         if not rows:
             raise gr.Error("paste prompts (one per line, or JSONL with prompt/reference), or load the run's")
         loaded = _loaded(self.queue, run_value, ckpt, request)
+        parent = _parent(self.queue, run_value, opponent, request)
+        opponent = "parent" if parent else "base"
         progress(0, desc="generating")
         table = playground.batch_compare(loaded, rows, progress=lambda d, n: progress(d / n, desc=f"{d}/{n}"),
-                                         **_settings(*values))
+                                         opponent=opponent, **_settings(*values), **parent)
         out = Path(tempfile.mkdtemp(prefix="studio-batch-"))
         files = [str(playground.write_table(table, out / f"comparison.{ext}")) for ext in ("csv", "jsonl")]
-        return pd.DataFrame(table, columns=["prompt", "reference", "base", "tuned"]), files
+        return pd.DataFrame(table, columns=["prompt", "reference", opponent, "tuned"]), files
 
     def do_eval(self, run_value, ckpt, request: gr.Request):
         loaded = _loaded(self.queue, run_value, ckpt, request)
@@ -234,6 +265,7 @@ def create_playground_tab(queue):
     with gr.Row():
         blind = gr.Checkbox(False, label=t("blind"))
         completion = gr.Checkbox(False, label=t("completion"), info=t("completion_info"))
+        opponent = gr.Radio(["base", "parent"], value="base", label=t("compare_against"), visible=False)
     with gr.Row():
         left = _chatbot(t("base"))
         right = _chatbot(t("tuned"))
@@ -281,8 +313,10 @@ def create_playground_tab(queue):
     blind.change(lambda b: ([], [], *labels(b, ("base", "tuned")), gr.Row(visible=False), ""), [blind],
                  [*chats, left, right, vote_row, vote_info], api_visibility="private")
     run.change(h.mode, [run], [completion], api_visibility="private")
+    run.change(h.opponents, [run], [opponent], api_visibility="private")
+    opponent.change(lambda: ([], []), None, chats, api_visibility="private")
     send_outputs = [*chats, order, left, right, vote_row, vote_info]
-    send_inputs = [run, checkpoint, prompt, blind, *chats, *settings, completion]
+    send_inputs = [run, checkpoint, prompt, blind, *chats, *settings, completion, opponent]
     send.click(h.do_send, send_inputs, send_outputs, api_name="side_by_side")
     prompt.submit(h.do_send, send_inputs, send_outputs, api_visibility="private")
     clear.click(lambda: ([], []), None, chats, api_visibility="private")
@@ -301,7 +335,7 @@ def create_playground_tab(queue):
     votes_btn.click(h.do_train_votes, [run], [votes_info], api_name="train_on_votes")
     several_btn.click(h.do_several, [run, others, prompt, *settings], [several_out], api_name="compare_runs")
     load_val.click(h.do_load_val, [run], [prompts], api_visibility="private")
-    batch_btn.click(h.do_batch, [run, checkpoint, prompts, *settings], [batch_table, batch_files],
+    batch_btn.click(h.do_batch, [run, checkpoint, prompts, *settings, opponent], [batch_table, batch_files],
                     api_name="batch_compare").then(**show(batch_files))
     eval_btn.click(h.do_eval, [run, checkpoint], [eval_out], api_name="evaluate")
     return h.refresh_runs, run, others
