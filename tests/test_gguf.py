@@ -372,34 +372,76 @@ def test_cli_bad_gguf_export_is_one_error_line(run, tmp_path, capsys, args, frag
 
 
 # -- the web app ----------------------------------------------------------------------------------
-def test_the_export_gguf_endpoint_writes_into_the_run_folder(run, tmp_path, monkeypatch):
+def test_the_export_gguf_endpoint_writes_into_the_run_folder_and_hands_over_the_files(run, tmp_path, monkeypatch):
     """/export_gguf names the run by id and the type only; the server puts the file and its
-    Modelfile in RUN_DIR/gguf/TYPE and answers with the parity, without server paths."""
+    Modelfile in RUN_DIR/gguf/TYPE, answers with the parity (without server paths) and hands both
+    files over: gradio_client receives a GGUF that gguf-py reads. Another user gets neither, by
+    run id or by the file's path on the server."""
     import time
 
+    import gguf
+    import httpx
     from gradio_client import Client
     from gradio_client.exceptions import AppError
 
     from backend.jobs import Queue
 
     monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("STUDIO_AUTH", "admin:root pw,alice:alice pw,bob:bob pw")
     monkeypatch.setattr(gguf_export, "PROMPTS", 2)
     queue = Queue(db_path=tmp_path / "jobs.sqlite3", runs_root=tmp_path / "home" / "runs")
-    job = queue.submit(RunFolder(run).spec())
+    job = queue.submit(RunFolder(run).spec(), owner="alice")
     shutil.copytree(run, job.run_dir, dirs_exist_ok=True)  # the module's trained run, queued and completed
     queue._transition(job.run_id, ("queued",), state="completed", ended_at=time.time())
     demo, url = serve(queue)
     try:
-        client = Client(url, verbose=False)
-        message = client.predict(job.run_id, "q8_0", api_name="/export_gguf")
+        alice = Client(url, auth=("alice", "alice pw"), verbose=False)
+        message, gguf_file, modelfile_file = alice.predict(job.run_id, "q8_0", api_name="/export_gguf")
         assert "answered token for token" in message and "Modelfile" in message and str(tmp_path) not in message
         folder = Path(job.run_dir) / "gguf" / "q8_0"
-        assert only(folder) == sorted(["Modelfile", f"{Path(job.run_dir).name}-q8_0.gguf"])
+        name = f"{Path(job.run_dir).name}-q8_0.gguf"
+        assert only(folder) == sorted(["Modelfile", name])
+        # what the client received: the file itself, byte for byte, and the Modelfile that names it
+        assert Path(gguf_file).name == name and Path(gguf_file).read_bytes() == (folder / name).read_bytes()
+        reader = gguf.GGUFReader(gguf_file)
+        assert reader.fields["general.architecture"].contents() == "llama"
+        assert {t.tensor_type.name for t in reader.tensors if t.name.startswith("blk.0.attn_q")} == {"Q8_0"}
+        assert Path(modelfile_file).read_text(encoding="utf-8").startswith(f"FROM ./{name}\n")
         with pytest.raises(AppError):
-            client.predict(job.run_id, "q2_k", api_name="/export_gguf")
+            alice.predict(job.run_id, "q2_k", api_name="/export_gguf")
         assert only(Path(job.run_dir) / "gguf") == ["q8_0"]
+
+        bob = Client(url, auth=("bob", "bob pw"), verbose=False)
+        with pytest.raises(AppError, match="of yours"):
+            bob.predict(job.run_id, "q8_0", api_name="/export_gguf")
+        web = httpx.Client(base_url=url, timeout=30)
+        assert web.post("/login", data={"username": "bob", "password": "bob pw"}).status_code == 200
+        for path in (folder / name, folder / "Modelfile"):
+            response = web.get(f"/gradio_api/file={path}")
+            assert response.status_code >= 400 and b"GGUF" not in response.content[:4], (path, response.status_code)
     finally:
         demo.close()
+
+
+def test_a_download_is_only_a_file_of_the_callers_run(run, tmp_path):
+    """``run_download`` serves a file of the run's folder, never one outside it, by path or by link."""
+    import gradio as gr
+
+    from ui.common import run_download
+
+    outside = tmp_path / "secret.txt"
+    outside.write_text("not the run's")
+    link = Path(run) / "link-out.txt"
+    link.symlink_to(outside)
+    try:
+        for path in (outside, link, Path(run) / ".." / outside.name, Path(run) / "adapter"):
+            with pytest.raises(gr.Error, match="not a file of this run"):
+                run_download(path, run)
+    finally:
+        link.unlink()
+    served = Path(run_download(Path(run) / "config.yaml", run))
+    assert served.read_bytes() == (Path(run) / "config.yaml").read_bytes() and served.name == "config.yaml"
+    assert served != Path(run_download(Path(run) / "config.yaml", run))  # a fresh folder each time
 
 
 # -- the embedded model ---------------------------------------------------------------------------
