@@ -13,7 +13,9 @@
     3. The parity check, on the file before it gets its name: transformers' GGUF loader reads it
        back (weights dequantised, tokenizer rebuilt from the file's own metadata) and answers up to
        ``PROMPTS`` of the run's validation prompts greedily; ``parity`` reports how many answers
-       are token for token those of the in-app tuned model (``playground.load_run``). A prompt
+       are token for token those of the in-app tuned model (``playground.load_run``). Llama 3.x rope
+       scaling is written as llama.cpp's ``rope_freqs`` tensor (``rope_freqs``), which that loader
+       skips: ``read_back`` applies it from the file, and the report says so. A prompt
        rendered from the file's template that differs from training's by one byte, other BOS/EOS
        ids, other end-of-turn tokens, or other prompt tokens fail the export, naming which.
     4. ``ollama_dir``: an Ollama ``Modelfile`` beside it (``modelfile``): FROM the file, TEMPLATE the
@@ -27,6 +29,7 @@ disk space, an unsupported model, a parity mismatch) leaves no half-written file
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -42,6 +45,8 @@ from .runs import RunFolder
 
 QUANTS = ("f16", "q8_0", "q4_0")  # what gguf.quants can write (K-quants there only dequantise)
 ARCHITECTURES = ("llama", "qwen2")  # transformers model_type: Llama family (SmolLM2, Llama 3, DeepSeek-LLM), Qwen2/2.5
+# the rope scaling each writes: llama3 as a rope_freqs tensor (Llama 3.1-3.3), as llama.cpp's converter does
+ROPE_TYPES = {"llama": ("default", "llama3"), "qwen2": ("default",)}
 PROMPTS = 8
 MAX_NEW_TOKENS = 48
 # The Playground's defaults (ui/playground_tab.py) as Ollama parameters.
@@ -54,10 +59,42 @@ def _architecture(config) -> str:
         names = ", ".join(config.architectures or []) or config.model_type
         raise ExportError(f"GGUF export supports the Llama family and Qwen2/2.5 ({', '.join(ARCHITECTURES)}), "
                           f"not {config.model_type} ({names})")
-    rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
-    if rope != "default":
-        raise ExportError(f"GGUF export does not handle {rope!r} rope scaling yet ({config.model_type})")
+    rope = _rope_type(config)
+    if rope not in ROPE_TYPES[config.model_type]:
+        raise ExportError(f"GGUF export does not handle {rope!r} rope scaling of {config.model_type} models yet "
+                          f"(it handles {', '.join(ROPE_TYPES[config.model_type])})")
     return config.model_type
+
+
+def _rope_type(config) -> str:
+    return (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+
+
+def rope_freqs(config) -> np.ndarray | None:
+    """Llama 3.x rope scaling (``rope_type: llama3``) as llama.cpp's converter writes it: one factor per
+    rotary frequency (``rope_freqs.weight``, f32), by which llama.cpp divides that frequency: 1 for
+    wavelengths under ``original_max_position_embeddings / high_freq_factor``, ``factor`` above
+    ``original_max_position_embeddings / low_freq_factor``, smoothly between. None for other models.
+    (llama.cpp's ``convert_hf_to_gguf.py``, ``LlamaModel.generate_extra_tensors``; its defaults.)"""
+    if _rope_type(config) != "llama3":
+        return None
+    rope = config.rope_parameters
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    freqs = 1.0 / (rope["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor = rope.get("factor", 8.0)
+    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old_context = rope.get("original_max_position_embeddings", 8192)
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_context / high:
+            out.append(1.0)
+        elif wavelen > old_context / low:
+            out.append(factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
 
 
 def _weights_config(spec, weights: Path):
@@ -108,6 +145,9 @@ def _tensors(model, arch: str, quant: str):
     config = model.config
     names = gguf.get_tensor_name_map(_gguf_arch(arch), config.num_hidden_layers)
     out = []
+    factors = rope_freqs(config)
+    if factors is not None:  # first, as llama.cpp's converter writes its extra tensors
+        out.append((gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors, gguf.GGMLQuantizationType.F32))
     for hf_name, tensor in model.state_dict().items():
         if hf_name == "lm_head.weight" and config.tie_word_embeddings:
             continue  # llama.cpp reuses token_embd when the file has no output tensor
@@ -144,6 +184,8 @@ def estimate_bytes(config, tokenizer_bytes: int, quant: str) -> int:
         matrices.append(("output.", (vocab, hidden)))
     total = sum(_nbytes(shape, _qtype(name, np.empty((1, shape[1]), np.float32), quant)) for name, shape in matrices)
     vectors = (2 * layers + 1) * hidden * 4  # the norms, f32
+    if _rope_type(config) == "llama3":
+        vectors += head_dim // 2 * 4  # rope_freqs
     return total + vectors + tokenizer_bytes
 
 
@@ -271,15 +313,41 @@ def _conversations(prompts: list[dict]) -> list[list[dict]]:
     return convs
 
 
+def read_back(gguf_path: Path):
+    """The file as transformers' GGUF loader reads it, with what that loader leaves out put back from
+    the file itself: ``(model, rope)``. The loader skips ``rope_freqs.weight`` (Llama 3.x rope scaling)
+    and so would answer with unscaled rope; here each rotary frequency it computes from the file's
+    ``rope.freq_base`` and ``rope.dimension_count`` is divided by the file's factor, as llama.cpp does.
+    ``rope`` says so ("llama3: ...") or is "default" for a file without the tensor."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                 dtype=torch.float32).eval()
+    name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+    factors = next((np.array(t.data, dtype=np.float32) for t in gguf.GGUFReader(gguf_path).tensors
+                    if t.name == name), None)
+    if factors is None:
+        return model, "default"
+    rotary = getattr(model.model, "rotary_emb", None)
+    if rotary is None or rotary.rope_type != "default" or rotary.inv_freq.shape != factors.shape:
+        raise ExportError(f"the file's {name} cannot be applied to transformers' reading of it "
+                          f"({getattr(rotary, 'rope_type', 'no rotary embedding')}, {factors.shape[0]} factors)")
+    scaled = rotary.inv_freq / torch.from_numpy(factors).to(rotary.inv_freq.device)
+    rotary.inv_freq, rotary.original_inv_freq = scaled, scaled.clone()
+    return model, (f"llama3: the file's {name} ({factors.min():g} to {factors.max():g}) applied to transformers' "
+                   f"reader, whose GGUF loader skips it")
+
+
 def parity(gguf_path: Path, loaded, prompts: list[dict], progress=None) -> dict:
     """Read ``gguf_path`` back with transformers and compare it with ``loaded`` (the in-app run).
 
     Raises ``ExportError`` on a template, BOS/EOS, stop-token or prompt-token mismatch; returns
     ``{"prompts", "same", "share", "tokens_alike" (the mean share of the in-app answer's tokens before
-    the first difference), "differs": [prompts answered differently], "template": "identical"}``.
+    the first difference), "differs": [prompts answered differently], "template": "identical",
+    "rope": how the reader got the file's rope (``read_back``)}``.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     folder, name = str(gguf_path.parent), gguf_path.name
     reader_tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -309,7 +377,7 @@ def parity(gguf_path: Path, loaded, prompts: list[dict], progress=None) -> dict:
     if problems:
         raise ExportError("the GGUF file does not match training: " + "; ".join(problems))
 
-    reader = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    reader, rope = read_back(gguf_path)
     tuned, context = loaded.model_for("tuned")
     pad = next(t for t in (train_tok.pad_token_id, train_tok.eos_token_id, 0) if t is not None)
     stop_ids = stops | {train_tok.eos_token_id}
@@ -329,7 +397,7 @@ def parity(gguf_path: Path, loaded, prompts: list[dict], progress=None) -> dict:
     same = len(prompts) - len(differs)
     return {"prompts": len(prompts), "same": same, "share": round(same / len(prompts), 3) if prompts else None,
             "tokens_alike": round(sum(alike) / len(alike), 3) if alike else None,
-            "differs": differs, "template": "identical", "reader": "transformers"}
+            "differs": differs, "template": "identical", "reader": "transformers", "rope": rope}
 
 
 # -- Ollama ---------------------------------------------------------------------------------------
@@ -464,4 +532,5 @@ def summary(report: dict) -> str:
     return (f"{report['quant']}: {p['same']} of {p['prompts']} validation prompts answered token for token like "
             f"the in-app tuned model ({p['share']:.0%}; {p['tokens_alike']:.0%} of their tokens before the first "
             f"difference); chat template, BOS/EOS and stop tokens identical; "
+            + ("" if p.get("rope", "default") == "default" else f"rope scaling {p['rope']}; ") +
             f"{report['bytes'] / 1e6:.1f} MB in {report['seconds']:.0f} s")

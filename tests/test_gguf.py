@@ -245,6 +245,55 @@ def test_a_full_run_of_a_qwen2_model_exports_as_trained(tmp_path, tokenizer, tin
         torch.testing.assert_close(back[name], as_written(weight), rtol=0, atol=0, msg=name)
 
 
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}  # short, so that prompts of this test reach the scaled band
+
+
+def test_llama3_rope_scaling_goes_into_rope_freqs_and_the_parity_reads_it_back(tmp_path, tokenizer, tiny_data):
+    """Llama 3.x rope scaling: the file carries llama.cpp's rope_freqs tensor, equal to the ratio of
+    transformers' own unscaled and llama3 frequencies; transformers' GGUF loader skips that tensor,
+    so the parity check applies it from the file (and says so), and without it the reader would not
+    answer like the in-app model: the check is not vacuous."""
+    import gguf
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, initializer_range=0.2,
+                         rope_scaling=dict(LLAMA3_ROPE))
+    assert config.rope_parameters["rope_type"] == "llama3"
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "llama3")
+    tokenizer.save_pretrained(tmp_path / "llama3")
+    run = train_mod.train(tiny_spec(tmp_path / "llama3", tiny_data, max_steps=2, val_size=0.25), tmp_path / "run").path
+    report = gguf_export.export_gguf(run, tmp_path / "l3.gguf", "f16", prompts=2)
+    assert report["parity"]["share"] == 1.0, report["parity"]
+    assert report["parity"]["rope"].startswith("llama3: the file's rope_freqs.weight")
+    assert "rope scaling llama3" in gguf_export.summary(report)
+    assert 0.85 < report["estimated_bytes"] / report["bytes"] < 1.15, report
+
+    tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "l3.gguf").tensors}
+    freqs = tensors["rope_freqs.weight"]
+    assert freqs.tensor_type.name == "F32" and list(freqs.shape) == [8]
+    plain = 1.0 / (10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    torch.testing.assert_close(torch.from_numpy(freqs.data.copy()), plain / scaled, rtol=1e-5, atol=0)
+    assert float(freqs.data.min()) == 1.0 and float(freqs.data.max()) == 8.0  # all three bands present
+
+    merged = export.merged_model(RunFolder(run).spec(), Path(run) / "adapter", "float32").eval()
+    ids = torch.tensor([tokenizer("Who are you? " * 20)["input_ids"]])  # past the original 64 positions
+    assert ids.shape[1] > 64
+    read, _ = gguf_export.read_back(tmp_path / "l3.gguf")
+    unscaled = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="l3.gguf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = merged(ids).logits
+        near, far = ((m(ids).logits - want).abs().max().item() for m in (read, unscaled))
+    print(f"\nllama3 rope: logits differ by {near:.2e} with the file's rope_freqs, {far:.2e} without")
+    assert near < 0.05 and far > 20 * near
+
+
 def test_a_qlora_run_exports_merged_into_a_16_bit_base(tmp_path, tiny_model_dir, tiny_data):
     """QLoRA trains on a 4-bit base; the file holds the adapter merged into the unquantised base
     (as the merge export), so its answers may differ from the 4-bit in-app model: the share is reported."""
