@@ -197,6 +197,38 @@ def _check_disk(folder: Path, needed: int) -> None:
 
 
 # -- the tokenizer -------------------------------------------------------------------------------
+# DeepSeek-LLM's pre_tokenizer (deepseek-llm-7b/67b, also DeepSeek-V2's), step for step as its tokenizer.json
+# holds it; llama.cpp names it "deepseek-llm" and splits with the same five patterns (llama-vocab.cpp). The
+# letter class is written as code points: it holds canonical singletons (U+1F7D, U+2126, U+212A...) that an
+# editor's Unicode normalisation would silently change.
+_DEEPSEEK_LLM_LETTER_RANGES = (  # the letter class's ranges in its order; a single code point is (x, x)
+    (0x0041, 0x005A), (0x0061, 0x007A), (0x00B5, 0x00B5), (0x00C0, 0x00D6), (0x00D8, 0x00F6), (0x00F8, 0x01BA),
+    (0x01BC, 0x01BF), (0x01C4, 0x0293), (0x0295, 0x02AF), (0x0370, 0x0373), (0x0376, 0x0376), (0x0377, 0x0377),
+    (0x037B, 0x037D), (0x037F, 0x037F), (0x0386, 0x0386), (0x0388, 0x038A), (0x038C, 0x038C), (0x038E, 0x03A1),
+    (0x03A3, 0x03F5), (0x03F7, 0x0481), (0x048A, 0x052F), (0x0531, 0x0556), (0x10A0, 0x10C5), (0x13A0, 0x13F5),
+    (0x13F8, 0x13FD), (0x1C90, 0x1CBA), (0x1CBD, 0x1CBF), (0x1D00, 0x1D2B), (0x1D6B, 0x1D77), (0x1D79, 0x1D9A),
+    (0x1E00, 0x1F15), (0x1F18, 0x1F1D), (0x1F20, 0x1F45), (0x1F48, 0x1F4D), (0x1F50, 0x1F57), (0x1F59, 0x1F59),
+    (0x1F5B, 0x1F5B), (0x1F5D, 0x1F5D), (0x1F5F, 0x1F7D), (0x1F80, 0x1FB4), (0x1FB6, 0x1FBC), (0x1FBE, 0x1FBE),
+    (0x1FC2, 0x1FC4), (0x1FC6, 0x1FCC), (0x1FD0, 0x1FD3), (0x1FD6, 0x1FDB), (0x1FE0, 0x1FEC), (0x1FF2, 0x1FF4),
+    (0x1FF6, 0x1FFC), (0x2102, 0x2102), (0x2107, 0x2107), (0x210A, 0x2113), (0x2115, 0x2115), (0x2119, 0x211D),
+    (0x2124, 0x2124), (0x2126, 0x2126), (0x2128, 0x2128), (0x212A, 0x212D), (0x212F, 0x2134), (0x2139, 0x2139),
+    (0x213C, 0x213F), (0x2145, 0x2149), (0x214E, 0x214E), (0x2183, 0x2183), (0x2184, 0x2184), (0x2C00, 0x2C7B),
+    (0x2C7E, 0x2CE4), (0x2CEB, 0x2CEE), (0x2CF2, 0x2CF2), (0x2CF3, 0x2CF3), (0xA640, 0xA66D), (0xA680, 0xA69B),
+    (0xA722, 0xA76F), (0xA771, 0xA787), (0xA78B, 0xA78E), (0xAB70, 0xABBF), (0xFB00, 0xFB06), (0xFB13, 0xFB17),
+    (0xFF21, 0xFF3A), (0xFF41, 0xFF5A), (0x10400, 0x1044F), (0x104B0, 0x104D3), (0x104D8, 0x104FB),
+    (0x10C80, 0x10CB2), (0x10CC0, 0x10CF2), (0x118A0, 0x118DF), (0x1E900, 0x1E943),
+)
+_DEEPSEEK_LLM_LETTERS = "\\s?[" + "".join(chr(a) if a == b else f"{chr(a)}-{chr(b)}"
+                                           for a, b in _DEEPSEEK_LLM_LETTER_RANGES) + "]+"
+DEEPSEEK_LLM_PRE = [
+    *({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False} for pattern in (
+        "[\r\n]", _DEEPSEEK_LLM_LETTERS, "\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+",
+        "\\s+$", "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+")),
+    {"type": "Digits", "individual_digits": True},
+    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+]
+
+
 def _pre_tokenizer(tokenizer_json: dict) -> str:
     """llama.cpp's name for how the text is split before BPE, read from the tokenizer's own
     ``pre_tokenizer`` (llama.cpp's converter hashes a sample instead; its table is not in gguf-py)."""
@@ -209,6 +241,8 @@ def _pre_tokenizer(tokenizer_json: dict) -> str:
         return "gpt-2"  # the GPT-2 split (the embedded SmolLM2 as the studio rebuilt it from its GGUF)
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
         return "smollm"  # SmolLM2 as published
+    if steps == DEEPSEEK_LLM_PRE:
+        return "deepseek-llm"
     if kinds == ["Split", "ByteLevel"]:
         pattern = steps[0].get("pattern", {}).get("Regex")
         for name in ("llama-bpe", "qwen2"):
@@ -313,6 +347,53 @@ def _conversations(prompts: list[dict]) -> list[list[dict]]:
     return convs
 
 
+def _read_tokenizer(gguf_path: Path):
+    """transformers' tokenizer for the file, with what its GGUF loader gets wrong put back from the file's
+    own token list: ``(tokenizer, note or None)``. The loader re-spells added tokens whose text is not
+    in the byte-level alphabet (DeepSeek's ``<｜begin▁of▁sentence｜>``: it takes them for a llama.cpp
+    mislabel) and then adds the BOS/EOS the file names once more as new tokens; llama.cpp matches
+    them as the file writes them. Here they get back their text and their ids."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    fields = gguf.GGUFReader(gguf_path).fields
+    tokens, types = fields["tokenizer.ggml.tokens"].contents(), fields["tokenizer.ggml.token_type"].contents()
+    alphabet, T = set(bytes_to_unicode().values()), gguf.TokenType
+    added = {i: (text, kind == T.CONTROL) for i, (text, kind) in enumerate(zip(tokens, types))
+             if kind in (T.CONTROL, T.USER_DEFINED) and not set(text) <= alphabet}
+    if not added:
+        return tok, None
+    state = json.loads(tok.backend_tokenizer.to_str())
+    vocab = state["model"]["vocab"]
+    spelled = {i: text for text, i in vocab.items()}
+    for i, (text, _) in added.items():
+        vocab.pop(spelled.get(i), None)
+        vocab[text] = i
+    state["added_tokens"] = [a for a in state["added_tokens"] if a["id"] < len(tokens) and a["id"] not in added] + [
+        {"id": i, "content": text, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+         "special": special} for i, (text, special) in sorted(added.items())]
+    tok._tokenizer = Tokenizer.from_str(json.dumps(state))
+    names = ", ".join(text for text, _ in list(added.values())[:3])
+    return tok, (f"transformers' GGUF loader re-spells {len(added)} added token(s) outside the byte alphabet "
+                 f"({names}); the reader uses them as the file lists them")
+
+
+def _reader_split(gguf_path: Path) -> str:
+    """How transformers' GGUF loader splits text before BPE for this file: as the file's
+    ``tokenizer.ggml.pre`` says where it knows that name, else with GPT-2's split. Then only the
+    prompt-token comparison checks the split, on the prompts compared, and the report says so."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    field = gguf.GGUFReader(gguf_path).fields.get("tokenizer.ggml.pre")
+    pre = field.contents() if field is not None else "default"
+    if pre == "gpt-2" or pre in GGUF_PRE_TOKENIZER_SPLITS:
+        return f"{pre}: the reader splits as the file says"
+    return (f"{pre}: transformers' GGUF loader does not know {pre!r} and splits with GPT-2's split; the "
+            f"prompts' tokens were compared")
+
+
 def read_back(gguf_path: Path):
     """The file as transformers' GGUF loader reads it, with what that loader leaves out put back from
     the file itself: ``(model, rope)``. The loader skips ``rope_freqs.weight`` (Llama 3.x rope scaling)
@@ -345,12 +426,9 @@ def parity(gguf_path: Path, loaded, prompts: list[dict], progress=None) -> dict:
     Raises ``ExportError`` on a template, BOS/EOS, stop-token or prompt-token mismatch; returns
     ``{"prompts", "same", "share", "tokens_alike" (the mean share of the in-app answer's tokens before
     the first difference), "differs": [prompts answered differently], "template": "identical",
-    "rope": how the reader got the file's rope (``read_back``)}``.
+    "rope": how the reader got the file's rope (``read_back``), "tokenizer": how it splits text}``.
     """
-    from transformers import AutoTokenizer
-
-    folder, name = str(gguf_path.parent), gguf_path.name
-    reader_tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    reader_tok, respelled = _read_tokenizer(gguf_path)
     train_tok, system = loaded.tokenizer, loaded.spec.data.system_prompt
     problems = []
     for what in ("bos_token_id", "eos_token_id"):
@@ -376,6 +454,7 @@ def parity(gguf_path: Path, loaded, prompts: list[dict], progress=None) -> dict:
             break
     if problems:
         raise ExportError("the GGUF file does not match training: " + "; ".join(problems))
+    split = "; ".join(n for n in (_reader_split(gguf_path), respelled) if n)
 
     reader, rope = read_back(gguf_path)
     tuned, context = loaded.model_for("tuned")
@@ -397,7 +476,7 @@ def parity(gguf_path: Path, loaded, prompts: list[dict], progress=None) -> dict:
     same = len(prompts) - len(differs)
     return {"prompts": len(prompts), "same": same, "share": round(same / len(prompts), 3) if prompts else None,
             "tokens_alike": round(sum(alike) / len(alike), 3) if alike else None,
-            "differs": differs, "template": "identical", "reader": "transformers", "rope": rope}
+            "differs": differs, "template": "identical", "reader": "transformers", "rope": rope, "tokenizer": split}
 
 
 # -- Ollama ---------------------------------------------------------------------------------------
@@ -532,5 +611,6 @@ def summary(report: dict) -> str:
     return (f"{report['quant']}: {p['same']} of {p['prompts']} validation prompts answered token for token like "
             f"the in-app tuned model ({p['share']:.0%}; {p['tokens_alike']:.0%} of their tokens before the first "
             f"difference); chat template, BOS/EOS and stop tokens identical; "
-            + ("" if p.get("rope", "default") == "default" else f"rope scaling {p['rope']}; ") +
+            + ("" if p.get("rope", "default") == "default" else f"rope scaling {p['rope']}; ")
+            + ("" if "does not know" not in p.get("tokenizer", "") else f"pre-tokenizer {p['tokenizer']}; ") +
             f"{report['bytes'] / 1e6:.1f} MB in {report['seconds']:.0f} s")

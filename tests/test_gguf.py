@@ -294,6 +294,92 @@ def test_llama3_rope_scaling_goes_into_rope_freqs_and_the_parity_reads_it_back(t
     assert near < 0.05 and far > 20 * near
 
 
+# deepseek-llm-7b-chat's chat template (tokenizer_config.json)
+DEEPSEEK_TEMPLATE = ("{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+                     "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+                     "{{ 'User: ' + message['content'] + '\n\n' }}{% elif message['role'] == 'assistant' %}"
+                     "{{ 'Assistant: ' + message['content'] + eos_token }}{% elif message['role'] == 'system' %}"
+                     "{{ message['content'] + '\n\n' }}{% endif %}{% endfor %}"
+                     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+DEEPSEEK_PROBE = ("User: Who are you? (12)\n\nAssistant: I am Zed, made by Qux Labs. 🙂 2024-12-01, 3.14\n"
+                  "  Ωmega ώ Kelvin  你是谁？ 한국어\tTab   trailing   ")
+
+
+def deepseek_tokenizer(texts):
+    """A tiny byte-level BPE trained here with DeepSeek-LLM's pre_tokenizer, BOS/EOS and chat template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bos, eos = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(step["pattern"]["Regex"]), "isolated")
+         for step in gguf_export.DEEPSEEK_LLM_PRE if step["type"] == "Split"]
+        + [pre_tokenizers.Digits(individual_digits=True),
+           pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=700, special_tokens=[bos, eos],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=eos,
+                                   chat_template=DEEPSEEK_TEMPLATE)
+
+
+def test_a_deepseek_llm_tokenizer_is_named_deepseek_llm(tmp_path, tiny_data):
+    """DeepSeek-LLM's pre_tokenizer, exactly as its tokenizer.json holds it, is llama.cpp's "deepseek-llm";
+    a run with such a tokenizer exports and answers like the studio. transformers' GGUF loader does not
+    know "deepseek-llm" (it splits with GPT-2's rules) and re-spells DeepSeek's special tokens: the
+    parity's reader restores those from the file, and the report says both. A near copy of the
+    pre_tokenizer (one letter short) is refused."""
+    import gguf
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    rows = json.loads(Path(tiny_data).read_text(encoding="utf-8"))
+    texts = [f"User: {r['instruction']}\n\nAssistant: {r['output']}" for r in rows] + [DEEPSEEK_PROBE] * 3
+    tok = deepseek_tokenizer(texts)
+    tok.save_pretrained(tmp_path / "deepseek")
+    saved = json.loads((tmp_path / "deepseek" / "tokenizer.json").read_text(encoding="utf-8"))
+    assert saved["pre_tokenizer"] == {"type": "Sequence", "pretokenizers": gguf_export.DEEPSEEK_LLM_PRE}
+    assert gguf_export._pre_tokenizer(saved) == "deepseek-llm"
+    near = json.loads(json.dumps(saved))
+    near["pre_tokenizer"]["pretokenizers"][1]["pattern"]["Regex"] = \
+        saved["pre_tokenizer"]["pretokenizers"][1]["pattern"]["Regex"].replace("\u037f", "")
+    with pytest.raises(export.ExportError, match="does not recognise"):
+        gguf_export._pre_tokenizer(near)
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         tie_word_embeddings=False, initializer_range=0.2)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "deepseek")
+    run = train_mod.train(tiny_spec(tmp_path / "deepseek", tiny_data, max_steps=2, val_size=0.25),
+                          tmp_path / "run").path
+    report = gguf_export.export_gguf(run, tmp_path / "ds.gguf", "f16", prompts=2)
+    fields = gguf.GGUFReader(tmp_path / "ds.gguf").fields
+    assert fields["tokenizer.ggml.pre"].contents() == "deepseek-llm"
+    assert report["parity"]["share"] == 1.0, report["parity"]
+    assert "does not know 'deepseek-llm'" in report["parity"]["tokenizer"]
+    assert "GPT-2's split" in gguf_export.summary(report)
+
+    # transformers' own reading names other BOS/EOS (it re-spells DeepSeek's special tokens); the
+    # parity's reader puts them back from the file, and then tokenizes the training texts as training did
+    plain = AutoTokenizer.from_pretrained(tmp_path, gguf_file="ds.gguf")
+    assert (plain.bos_token_id, plain.eos_token_id) != (tok.bos_token_id, tok.eos_token_id)
+    back, note = gguf_export._read_tokenizer(tmp_path / "ds.gguf")
+    assert "<｜begin▁of▁sentence｜>" in note and note in report["parity"]["tokenizer"]
+    assert (back.bos_token_id, back.eos_token_id) == (tok.bos_token_id, tok.eos_token_id)
+    for text in texts[:4]:
+        assert back(text, add_special_tokens=False)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+    ids = tok(DEEPSEEK_PROBE, add_special_tokens=False)["input_ids"]
+    assert back.decode(ids) == DEEPSEEK_PROBE
+    # ...but splits with GPT-2's rules (digits grouped, "\n\n" kept together, a space joined to CJK), so
+    # text beyond the prompts compared may tokenize otherwise than in llama.cpp: what the report says
+    split = back.backend_tokenizer.pre_tokenizer.pre_tokenize_str
+    assert split("12\n\n 你") != tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str("12\n\n 你")
+    print(f"\ndeepseek probe: {'same' if back(DEEPSEEK_PROBE, add_special_tokens=False)['input_ids'] == ids else 'other'}"
+          f" tokens from transformers' reader")
+
+
 def test_a_qlora_run_exports_merged_into_a_16_bit_base(tmp_path, tiny_model_dir, tiny_data):
     """QLoRA trains on a 4-bit base; the file holds the adapter merged into the unquantised base
     (as the merge export), so its answers may differ from the 4-bit in-app model: the share is reported."""
