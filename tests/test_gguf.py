@@ -354,7 +354,12 @@ def test_a_deepseek_llm_tokenizer_is_named_deepseek_llm(tmp_path, tiny_data):
     LlamaForCausalLM(config).save_pretrained(tmp_path / "deepseek")
     run = train_mod.train(tiny_spec(tmp_path / "deepseek", tiny_data, max_steps=2, val_size=0.25),
                           tmp_path / "run").path
-    report = gguf_export.export_gguf(run, tmp_path / "ds.gguf", "f16", prompts=2)
+    report = gguf_export.export_gguf(run, tmp_path / "ds.gguf", "f16", ollama_dir=tmp_path, prompts=2)
+    modelfile = (tmp_path / "Modelfile").read_text(encoding="utf-8")
+    assert 'PARAMETER stop "<｜end▁of▁sentence｜>"' in modelfile
+    system = RunFolder(run).spec().data.system_prompt
+    for conv in CONVERSATIONS:  # the Go TEMPLATE renders DeepSeek's turns, BOS included, as training did
+        assert ollama_prompt(modelfile, conv) == template.render(tok, conv, system, add_generation_prompt=True)
     fields = gguf.GGUFReader(tmp_path / "ds.gguf").fields
     assert fields["tokenizer.ggml.pre"].contents() == "deepseek-llm"
     assert report["parity"]["share"] == 1.0, report["parity"]
