@@ -15,7 +15,11 @@
        ``PROMPTS`` of the run's validation prompts greedily; ``parity`` reports how many answers
        are token for token those of the in-app tuned model (``playground.load_run``). Llama 3.x rope
        scaling is written as llama.cpp's ``rope_freqs`` tensor (``rope_freqs``), which that loader
-       skips: ``read_back`` applies it from the file, and the report says so. A prompt
+       skips: ``read_back`` applies it from the file, and the report says so. The loader also
+       re-spells added tokens outside the byte alphabet (DeepSeek's BOS/EOS; ``_read_tokenizer`` puts
+       them back from the file) and splits text with GPT-2's rules for a pre-tokenizer it does not
+       know (``smollm``, ``deepseek-llm``): then only the compared prompts check the split, as the
+       report's ``tokenizer`` says. A prompt
        rendered from the file's template that differs from training's by one byte, other BOS/EOS
        ids, other end-of-turn tokens, or other prompt tokens fail the export, naming which.
     4. ``ollama_dir``: an Ollama ``Modelfile`` beside it (``modelfile``): FROM the file, TEMPLATE the
