@@ -3,7 +3,8 @@
 Tabs (``ui/``): Data (upload, format, mapping, highlighted sample, token lengths), Train (model,
 method, preset, hyperparameters, estimate, config and command, "Queue run"), Runs (the persistent
 queue: progress, loss curves, log, cancel/resume/delete/download), Playground (base vs tuned
-side by side, blind A/B votes, several runs, batches and evaluation), Export (zip, merge, Hub).
+side by side, blind A/B votes, several runs, batches and evaluation), Export (zip, merge, Hub, GGUF
+with its Ollama Modelfile as downloads).
 
 Runs go through ``backend.jobs``: a SQLite queue under ``STUDIO_HOME`` and a worker thread that
 trains each job in its own process, so closing the page or restarting the app loses nothing.

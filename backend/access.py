@@ -95,6 +95,16 @@ def visible_jobs(queue, caller: Caller) -> list:
     return [j for j in queue.list() if may_access(j.owner, caller)]
 
 
+def own_file(path, run_dir) -> Path:
+    """``path`` resolved (links followed) when it is a file inside the run folder ``run_dir`` (a run
+    the caller may access, ``job_for``), for a download; anything else is refused, so a handler that
+    serves a run's file never serves one from elsewhere, even through a link placed in the folder."""
+    folder, resolved = Path(run_dir).resolve(), Path(path).resolve()
+    if not resolved.is_file() or not resolved.is_relative_to(folder):
+        raise AccessError(f"{Path(path).name} is not a file of this run")
+    return resolved
+
+
 # -- uploads and file settings ------------------------------------------------------------------
 def user_folder(user: str) -> str:
     """A folder name for ``user``'s uploads: readable, and unique even when two names slug alike."""

@@ -13,7 +13,13 @@
     3. The parity check, on the file before it gets its name: transformers' GGUF loader reads it
        back (weights dequantised, tokenizer rebuilt from the file's own metadata) and answers up to
        ``PROMPTS`` of the run's validation prompts greedily; ``parity`` reports how many answers
-       are token for token those of the in-app tuned model (``playground.load_run``). A prompt
+       are token for token those of the in-app tuned model (``playground.load_run``). Llama 3.x rope
+       scaling is written as llama.cpp's ``rope_freqs`` tensor (``rope_freqs``), which that loader
+       skips: ``read_back`` applies it from the file, and the report says so. The loader also
+       re-spells added tokens outside the byte alphabet (DeepSeek's BOS/EOS; ``_read_tokenizer`` puts
+       them back from the file) and splits text with GPT-2's rules for a pre-tokenizer it does not
+       know (``smollm``, ``deepseek-llm``): then only the compared prompts check the split, as the
+       report's ``tokenizer`` says. A prompt
        rendered from the file's template that differs from training's by one byte, other BOS/EOS
        ids, other end-of-turn tokens, or other prompt tokens fail the export, naming which.
     4. ``ollama_dir``: an Ollama ``Modelfile`` beside it (``modelfile``): FROM the file, TEMPLATE the
@@ -27,6 +33,7 @@ disk space, an unsupported model, a parity mismatch) leaves no half-written file
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -42,6 +49,8 @@ from .runs import RunFolder
 
 QUANTS = ("f16", "q8_0", "q4_0")  # what gguf.quants can write (K-quants there only dequantise)
 ARCHITECTURES = ("llama", "qwen2")  # transformers model_type: Llama family (SmolLM2, Llama 3, DeepSeek-LLM), Qwen2/2.5
+# the rope scaling each writes: llama3 as a rope_freqs tensor (Llama 3.1-3.3), as llama.cpp's converter does
+ROPE_TYPES = {"llama": ("default", "llama3"), "qwen2": ("default",)}
 PROMPTS = 8
 MAX_NEW_TOKENS = 48
 # The Playground's defaults (ui/playground_tab.py) as Ollama parameters.
@@ -54,10 +63,42 @@ def _architecture(config) -> str:
         names = ", ".join(config.architectures or []) or config.model_type
         raise ExportError(f"GGUF export supports the Llama family and Qwen2/2.5 ({', '.join(ARCHITECTURES)}), "
                           f"not {config.model_type} ({names})")
-    rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
-    if rope != "default":
-        raise ExportError(f"GGUF export does not handle {rope!r} rope scaling yet ({config.model_type})")
+    rope = _rope_type(config)
+    if rope not in ROPE_TYPES[config.model_type]:
+        raise ExportError(f"GGUF export does not handle {rope!r} rope scaling of {config.model_type} models yet "
+                          f"(it handles {', '.join(ROPE_TYPES[config.model_type])})")
     return config.model_type
+
+
+def _rope_type(config) -> str:
+    return (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+
+
+def rope_freqs(config) -> np.ndarray | None:
+    """Llama 3.x rope scaling (``rope_type: llama3``) as llama.cpp's converter writes it: one factor per
+    rotary frequency (``rope_freqs.weight``, f32), by which llama.cpp divides that frequency: 1 for
+    wavelengths under ``original_max_position_embeddings / high_freq_factor``, ``factor`` above
+    ``original_max_position_embeddings / low_freq_factor``, smoothly between. None for other models.
+    (llama.cpp's ``convert_hf_to_gguf.py``, ``LlamaModel.generate_extra_tensors``; its defaults.)"""
+    if _rope_type(config) != "llama3":
+        return None
+    rope = config.rope_parameters
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    freqs = 1.0 / (rope["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor = rope.get("factor", 8.0)
+    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old_context = rope.get("original_max_position_embeddings", 8192)
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_context / high:
+            out.append(1.0)
+        elif wavelen > old_context / low:
+            out.append(factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
 
 
 def _weights_config(spec, weights: Path):
@@ -108,6 +149,9 @@ def _tensors(model, arch: str, quant: str):
     config = model.config
     names = gguf.get_tensor_name_map(_gguf_arch(arch), config.num_hidden_layers)
     out = []
+    factors = rope_freqs(config)
+    if factors is not None:  # first, as llama.cpp's converter writes its extra tensors
+        out.append((gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors, gguf.GGMLQuantizationType.F32))
     for hf_name, tensor in model.state_dict().items():
         if hf_name == "lm_head.weight" and config.tie_word_embeddings:
             continue  # llama.cpp reuses token_embd when the file has no output tensor
@@ -144,6 +188,8 @@ def estimate_bytes(config, tokenizer_bytes: int, quant: str) -> int:
         matrices.append(("output.", (vocab, hidden)))
     total = sum(_nbytes(shape, _qtype(name, np.empty((1, shape[1]), np.float32), quant)) for name, shape in matrices)
     vectors = (2 * layers + 1) * hidden * 4  # the norms, f32
+    if _rope_type(config) == "llama3":
+        vectors += head_dim // 2 * 4  # rope_freqs
     return total + vectors + tokenizer_bytes
 
 
@@ -155,6 +201,38 @@ def _check_disk(folder: Path, needed: int) -> None:
 
 
 # -- the tokenizer -------------------------------------------------------------------------------
+# DeepSeek-LLM's pre_tokenizer (deepseek-llm-7b/67b, also DeepSeek-V2's), step for step as its tokenizer.json
+# holds it; llama.cpp names it "deepseek-llm" and splits with the same five patterns (llama-vocab.cpp). The
+# letter class is written as code points: it holds canonical singletons (U+1F7D, U+2126, U+212A...) that an
+# editor's Unicode normalisation would silently change.
+_DEEPSEEK_LLM_LETTER_RANGES = (  # the letter class's ranges in its order; a single code point is (x, x)
+    (0x0041, 0x005A), (0x0061, 0x007A), (0x00B5, 0x00B5), (0x00C0, 0x00D6), (0x00D8, 0x00F6), (0x00F8, 0x01BA),
+    (0x01BC, 0x01BF), (0x01C4, 0x0293), (0x0295, 0x02AF), (0x0370, 0x0373), (0x0376, 0x0376), (0x0377, 0x0377),
+    (0x037B, 0x037D), (0x037F, 0x037F), (0x0386, 0x0386), (0x0388, 0x038A), (0x038C, 0x038C), (0x038E, 0x03A1),
+    (0x03A3, 0x03F5), (0x03F7, 0x0481), (0x048A, 0x052F), (0x0531, 0x0556), (0x10A0, 0x10C5), (0x13A0, 0x13F5),
+    (0x13F8, 0x13FD), (0x1C90, 0x1CBA), (0x1CBD, 0x1CBF), (0x1D00, 0x1D2B), (0x1D6B, 0x1D77), (0x1D79, 0x1D9A),
+    (0x1E00, 0x1F15), (0x1F18, 0x1F1D), (0x1F20, 0x1F45), (0x1F48, 0x1F4D), (0x1F50, 0x1F57), (0x1F59, 0x1F59),
+    (0x1F5B, 0x1F5B), (0x1F5D, 0x1F5D), (0x1F5F, 0x1F7D), (0x1F80, 0x1FB4), (0x1FB6, 0x1FBC), (0x1FBE, 0x1FBE),
+    (0x1FC2, 0x1FC4), (0x1FC6, 0x1FCC), (0x1FD0, 0x1FD3), (0x1FD6, 0x1FDB), (0x1FE0, 0x1FEC), (0x1FF2, 0x1FF4),
+    (0x1FF6, 0x1FFC), (0x2102, 0x2102), (0x2107, 0x2107), (0x210A, 0x2113), (0x2115, 0x2115), (0x2119, 0x211D),
+    (0x2124, 0x2124), (0x2126, 0x2126), (0x2128, 0x2128), (0x212A, 0x212D), (0x212F, 0x2134), (0x2139, 0x2139),
+    (0x213C, 0x213F), (0x2145, 0x2149), (0x214E, 0x214E), (0x2183, 0x2183), (0x2184, 0x2184), (0x2C00, 0x2C7B),
+    (0x2C7E, 0x2CE4), (0x2CEB, 0x2CEE), (0x2CF2, 0x2CF2), (0x2CF3, 0x2CF3), (0xA640, 0xA66D), (0xA680, 0xA69B),
+    (0xA722, 0xA76F), (0xA771, 0xA787), (0xA78B, 0xA78E), (0xAB70, 0xABBF), (0xFB00, 0xFB06), (0xFB13, 0xFB17),
+    (0xFF21, 0xFF3A), (0xFF41, 0xFF5A), (0x10400, 0x1044F), (0x104B0, 0x104D3), (0x104D8, 0x104FB),
+    (0x10C80, 0x10CB2), (0x10CC0, 0x10CF2), (0x118A0, 0x118DF), (0x1E900, 0x1E943),
+)
+_DEEPSEEK_LLM_LETTERS = "\\s?[" + "".join(chr(a) if a == b else f"{chr(a)}-{chr(b)}"
+                                           for a, b in _DEEPSEEK_LLM_LETTER_RANGES) + "]+"
+DEEPSEEK_LLM_PRE = [
+    *({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False} for pattern in (
+        "[\r\n]", _DEEPSEEK_LLM_LETTERS, "\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+",
+        "\\s+$", "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+")),
+    {"type": "Digits", "individual_digits": True},
+    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+]
+
+
 def _pre_tokenizer(tokenizer_json: dict) -> str:
     """llama.cpp's name for how the text is split before BPE, read from the tokenizer's own
     ``pre_tokenizer`` (llama.cpp's converter hashes a sample instead; its table is not in gguf-py)."""
@@ -167,6 +245,8 @@ def _pre_tokenizer(tokenizer_json: dict) -> str:
         return "gpt-2"  # the GPT-2 split (the embedded SmolLM2 as the studio rebuilt it from its GGUF)
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
         return "smollm"  # SmolLM2 as published
+    if steps == DEEPSEEK_LLM_PRE:
+        return "deepseek-llm"
     if kinds == ["Split", "ByteLevel"]:
         pattern = steps[0].get("pattern", {}).get("Regex")
         for name in ("llama-bpe", "qwen2"):
@@ -271,18 +351,88 @@ def _conversations(prompts: list[dict]) -> list[list[dict]]:
     return convs
 
 
+def _read_tokenizer(gguf_path: Path):
+    """transformers' tokenizer for the file, with what its GGUF loader gets wrong put back from the file's
+    own token list: ``(tokenizer, note or None)``. The loader re-spells added tokens whose text is not
+    in the byte-level alphabet (DeepSeek's ``<｜begin▁of▁sentence｜>``: it takes them for a llama.cpp
+    mislabel) and then adds the BOS/EOS the file names once more as new tokens; llama.cpp matches
+    them as the file writes them. Here they get back their text and their ids."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    fields = gguf.GGUFReader(gguf_path).fields
+    tokens, types = fields["tokenizer.ggml.tokens"].contents(), fields["tokenizer.ggml.token_type"].contents()
+    alphabet, T = set(bytes_to_unicode().values()), gguf.TokenType
+    added = {i: (text, kind == T.CONTROL) for i, (text, kind) in enumerate(zip(tokens, types))
+             if kind in (T.CONTROL, T.USER_DEFINED) and not set(text) <= alphabet}
+    if not added:
+        return tok, None
+    state = json.loads(tok.backend_tokenizer.to_str())
+    vocab = state["model"]["vocab"]
+    spelled = {i: text for text, i in vocab.items()}
+    for i, (text, _) in added.items():
+        vocab.pop(spelled.get(i), None)
+        vocab[text] = i
+    state["added_tokens"] = [a for a in state["added_tokens"] if a["id"] < len(tokens) and a["id"] not in added] + [
+        {"id": i, "content": text, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+         "special": special} for i, (text, special) in sorted(added.items())]
+    tok._tokenizer = Tokenizer.from_str(json.dumps(state))
+    names = ", ".join(text for text, _ in list(added.values())[:3])
+    return tok, (f"transformers' GGUF loader re-spells {len(added)} added token(s) outside the byte alphabet "
+                 f"({names}); the reader uses them as the file lists them")
+
+
+def _reader_split(gguf_path: Path) -> str:
+    """How transformers' GGUF loader splits text before BPE for this file: as the file's
+    ``tokenizer.ggml.pre`` says where it knows that name, else with GPT-2's split. Then only the
+    prompt-token comparison checks the split, on the prompts compared, and the report says so."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    field = gguf.GGUFReader(gguf_path).fields.get("tokenizer.ggml.pre")
+    pre = field.contents() if field is not None else "default"
+    if pre == "gpt-2" or pre in GGUF_PRE_TOKENIZER_SPLITS:
+        return f"{pre}: the reader splits as the file says"
+    return (f"{pre}: transformers' GGUF loader does not know {pre!r} and splits with GPT-2's split; the "
+            f"prompts' tokens were compared")
+
+
+def read_back(gguf_path: Path):
+    """The file as transformers' GGUF loader reads it, with what that loader leaves out put back from
+    the file itself: ``(model, rope)``. The loader skips ``rope_freqs.weight`` (Llama 3.x rope scaling)
+    and so would answer with unscaled rope; here each rotary frequency it computes from the file's
+    ``rope.freq_base`` and ``rope.dimension_count`` is divided by the file's factor, as llama.cpp does.
+    ``rope`` says so ("llama3: ...") or is "default" for a file without the tensor."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                 dtype=torch.float32).eval()
+    name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+    factors = next((np.array(t.data, dtype=np.float32) for t in gguf.GGUFReader(gguf_path).tensors
+                    if t.name == name), None)
+    if factors is None:
+        return model, "default"
+    rotary = getattr(model.model, "rotary_emb", None)
+    if rotary is None or rotary.rope_type != "default" or rotary.inv_freq.shape != factors.shape:
+        raise ExportError(f"the file's {name} cannot be applied to transformers' reading of it "
+                          f"({getattr(rotary, 'rope_type', 'no rotary embedding')}, {factors.shape[0]} factors)")
+    scaled = rotary.inv_freq / torch.from_numpy(factors).to(rotary.inv_freq.device)
+    rotary.inv_freq, rotary.original_inv_freq = scaled, scaled.clone()
+    return model, (f"llama3: the file's {name} ({factors.min():g} to {factors.max():g}) applied to transformers' "
+                   f"reader, whose GGUF loader skips it")
+
+
 def parity(gguf_path: Path, loaded, prompts: list[dict], progress=None) -> dict:
     """Read ``gguf_path`` back with transformers and compare it with ``loaded`` (the in-app run).
 
     Raises ``ExportError`` on a template, BOS/EOS, stop-token or prompt-token mismatch; returns
     ``{"prompts", "same", "share", "tokens_alike" (the mean share of the in-app answer's tokens before
-    the first difference), "differs": [prompts answered differently], "template": "identical"}``.
+    the first difference), "differs": [prompts answered differently], "template": "identical",
+    "rope": how the reader got the file's rope (``read_back``), "tokenizer": how it splits text}``.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder, name = str(gguf_path.parent), gguf_path.name
-    reader_tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    reader_tok, respelled = _read_tokenizer(gguf_path)
     train_tok, system = loaded.tokenizer, loaded.spec.data.system_prompt
     problems = []
     for what in ("bos_token_id", "eos_token_id"):
@@ -308,8 +458,9 @@ def parity(gguf_path: Path, loaded, prompts: list[dict], progress=None) -> dict:
             break
     if problems:
         raise ExportError("the GGUF file does not match training: " + "; ".join(problems))
+    split = "; ".join(n for n in (_reader_split(gguf_path), respelled) if n)
 
-    reader = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    reader, rope = read_back(gguf_path)
     tuned, context = loaded.model_for("tuned")
     pad = next(t for t in (train_tok.pad_token_id, train_tok.eos_token_id, 0) if t is not None)
     stop_ids = stops | {train_tok.eos_token_id}
@@ -329,7 +480,7 @@ def parity(gguf_path: Path, loaded, prompts: list[dict], progress=None) -> dict:
     same = len(prompts) - len(differs)
     return {"prompts": len(prompts), "same": same, "share": round(same / len(prompts), 3) if prompts else None,
             "tokens_alike": round(sum(alike) / len(alike), 3) if alike else None,
-            "differs": differs, "template": "identical", "reader": "transformers"}
+            "differs": differs, "template": "identical", "reader": "transformers", "rope": rope, "tokenizer": split}
 
 
 # -- Ollama ---------------------------------------------------------------------------------------
@@ -464,4 +615,6 @@ def summary(report: dict) -> str:
     return (f"{report['quant']}: {p['same']} of {p['prompts']} validation prompts answered token for token like "
             f"the in-app tuned model ({p['share']:.0%}; {p['tokens_alike']:.0%} of their tokens before the first "
             f"difference); chat template, BOS/EOS and stop tokens identical; "
+            + ("" if p.get("rope", "default") == "default" else f"rope scaling {p['rope']}; ")
+            + ("" if "does not know" not in p.get("tokenizer", "") else f"pre-tokenizer {p['tokenizer']}; ") +
             f"{report['bytes'] / 1e6:.1f} MB in {report['seconds']:.0f} s")

@@ -245,6 +245,146 @@ def test_a_full_run_of_a_qwen2_model_exports_as_trained(tmp_path, tokenizer, tin
         torch.testing.assert_close(back[name], as_written(weight), rtol=0, atol=0, msg=name)
 
 
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}  # short, so that prompts of this test reach the scaled band
+
+
+def test_llama3_rope_scaling_goes_into_rope_freqs_and_the_parity_reads_it_back(tmp_path, tokenizer, tiny_data):
+    """Llama 3.x rope scaling: the file carries llama.cpp's rope_freqs tensor, equal to the ratio of
+    transformers' own unscaled and llama3 frequencies; transformers' GGUF loader skips that tensor,
+    so the parity check applies it from the file (and says so), and without it the reader would not
+    answer like the in-app model: the check is not vacuous."""
+    import gguf
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, initializer_range=0.2,
+                         rope_scaling=dict(LLAMA3_ROPE))
+    assert config.rope_parameters["rope_type"] == "llama3"
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "llama3")
+    tokenizer.save_pretrained(tmp_path / "llama3")
+    run = train_mod.train(tiny_spec(tmp_path / "llama3", tiny_data, max_steps=2, val_size=0.25), tmp_path / "run").path
+    report = gguf_export.export_gguf(run, tmp_path / "l3.gguf", "f16", prompts=2)
+    assert report["parity"]["share"] == 1.0, report["parity"]
+    assert report["parity"]["rope"].startswith("llama3: the file's rope_freqs.weight")
+    assert "rope scaling llama3" in gguf_export.summary(report)
+    assert 0.85 < report["estimated_bytes"] / report["bytes"] < 1.15, report
+
+    tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "l3.gguf").tensors}
+    freqs = tensors["rope_freqs.weight"]
+    assert freqs.tensor_type.name == "F32" and list(freqs.shape) == [8]
+    plain = 1.0 / (10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    torch.testing.assert_close(torch.from_numpy(freqs.data.copy()), plain / scaled, rtol=1e-5, atol=0)
+    assert float(freqs.data.min()) == 1.0 and float(freqs.data.max()) == 8.0  # all three bands present
+
+    merged = export.merged_model(RunFolder(run).spec(), Path(run) / "adapter", "float32").eval()
+    ids = torch.tensor([tokenizer("Who are you? " * 20)["input_ids"]])  # past the original 64 positions
+    assert ids.shape[1] > 64
+    read, _ = gguf_export.read_back(tmp_path / "l3.gguf")
+    unscaled = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="l3.gguf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = merged(ids).logits
+        near, far = ((m(ids).logits - want).abs().max().item() for m in (read, unscaled))
+    print(f"\nllama3 rope: logits differ by {near:.2e} with the file's rope_freqs, {far:.2e} without")
+    assert near < 0.05 and far > 20 * near
+
+
+# deepseek-llm-7b-chat's chat template (tokenizer_config.json)
+DEEPSEEK_TEMPLATE = ("{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+                     "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+                     "{{ 'User: ' + message['content'] + '\n\n' }}{% elif message['role'] == 'assistant' %}"
+                     "{{ 'Assistant: ' + message['content'] + eos_token }}{% elif message['role'] == 'system' %}"
+                     "{{ message['content'] + '\n\n' }}{% endif %}{% endfor %}"
+                     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+DEEPSEEK_PROBE = ("User: Who are you? (12)\n\nAssistant: I am Zed, made by Qux Labs. 🙂 2024-12-01, 3.14\n"
+                  "  Ωmega ώ Kelvin  你是谁？ 한국어\tTab   trailing   ")
+
+
+def deepseek_tokenizer(texts):
+    """A tiny byte-level BPE trained here with DeepSeek-LLM's pre_tokenizer, BOS/EOS and chat template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bos, eos = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(step["pattern"]["Regex"]), "isolated")
+         for step in gguf_export.DEEPSEEK_LLM_PRE if step["type"] == "Split"]
+        + [pre_tokenizers.Digits(individual_digits=True),
+           pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=700, special_tokens=[bos, eos],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=eos,
+                                   chat_template=DEEPSEEK_TEMPLATE)
+
+
+def test_a_deepseek_llm_tokenizer_is_named_deepseek_llm(tmp_path, tiny_data):
+    """DeepSeek-LLM's pre_tokenizer, exactly as its tokenizer.json holds it, is llama.cpp's "deepseek-llm";
+    a run with such a tokenizer exports and answers like the studio. transformers' GGUF loader does not
+    know "deepseek-llm" (it splits with GPT-2's rules) and re-spells DeepSeek's special tokens: the
+    parity's reader restores those from the file, and the report says both. A near copy of the
+    pre_tokenizer (one letter short) is refused."""
+    import gguf
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    rows = json.loads(Path(tiny_data).read_text(encoding="utf-8"))
+    texts = [f"User: {r['instruction']}\n\nAssistant: {r['output']}" for r in rows] + [DEEPSEEK_PROBE] * 3
+    tok = deepseek_tokenizer(texts)
+    tok.save_pretrained(tmp_path / "deepseek")
+    saved = json.loads((tmp_path / "deepseek" / "tokenizer.json").read_text(encoding="utf-8"))
+    assert saved["pre_tokenizer"] == {"type": "Sequence", "pretokenizers": gguf_export.DEEPSEEK_LLM_PRE}
+    assert gguf_export._pre_tokenizer(saved) == "deepseek-llm"
+    near = json.loads(json.dumps(saved))
+    near["pre_tokenizer"]["pretokenizers"][1]["pattern"]["Regex"] = \
+        saved["pre_tokenizer"]["pretokenizers"][1]["pattern"]["Regex"].replace("\u037f", "")
+    with pytest.raises(export.ExportError, match="does not recognise"):
+        gguf_export._pre_tokenizer(near)
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         tie_word_embeddings=False, initializer_range=0.2)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "deepseek")
+    run = train_mod.train(tiny_spec(tmp_path / "deepseek", tiny_data, max_steps=2, val_size=0.25),
+                          tmp_path / "run").path
+    report = gguf_export.export_gguf(run, tmp_path / "ds.gguf", "f16", ollama_dir=tmp_path, prompts=2)
+    modelfile = (tmp_path / "Modelfile").read_text(encoding="utf-8")
+    assert 'PARAMETER stop "<｜end▁of▁sentence｜>"' in modelfile
+    system = RunFolder(run).spec().data.system_prompt
+    for conv in CONVERSATIONS:  # the Go TEMPLATE renders DeepSeek's turns, BOS included, as training did
+        assert ollama_prompt(modelfile, conv) == template.render(tok, conv, system, add_generation_prompt=True)
+    fields = gguf.GGUFReader(tmp_path / "ds.gguf").fields
+    assert fields["tokenizer.ggml.pre"].contents() == "deepseek-llm"
+    assert report["parity"]["share"] == 1.0, report["parity"]
+    assert "does not know 'deepseek-llm'" in report["parity"]["tokenizer"]
+    assert "GPT-2's split" in gguf_export.summary(report)
+
+    # transformers' own reading names other BOS/EOS (it re-spells DeepSeek's special tokens); the
+    # parity's reader puts them back from the file, and then tokenizes the training texts as training did
+    plain = AutoTokenizer.from_pretrained(tmp_path, gguf_file="ds.gguf")
+    assert (plain.bos_token_id, plain.eos_token_id) != (tok.bos_token_id, tok.eos_token_id)
+    back, note = gguf_export._read_tokenizer(tmp_path / "ds.gguf")
+    assert "<｜begin▁of▁sentence｜>" in note and note in report["parity"]["tokenizer"]
+    assert (back.bos_token_id, back.eos_token_id) == (tok.bos_token_id, tok.eos_token_id)
+    for text in texts[:4]:
+        assert back(text, add_special_tokens=False)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+    ids = tok(DEEPSEEK_PROBE, add_special_tokens=False)["input_ids"]
+    assert back.decode(ids) == DEEPSEEK_PROBE
+    # ...but splits with GPT-2's rules (digits grouped, "\n\n" kept together, a space joined to CJK), so
+    # text beyond the prompts compared may tokenize otherwise than in llama.cpp: what the report says
+    split = back.backend_tokenizer.pre_tokenizer.pre_tokenize_str
+    assert split("12\n\n 你") != tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str("12\n\n 你")
+    print(f"\ndeepseek probe: {'same' if back(DEEPSEEK_PROBE, add_special_tokens=False)['input_ids'] == ids else 'other'}"
+          f" tokens from transformers' reader")
+
+
 def test_a_qlora_run_exports_merged_into_a_16_bit_base(tmp_path, tiny_model_dir, tiny_data):
     """QLoRA trains on a 4-bit base; the file holds the adapter merged into the unquantised base
     (as the merge export), so its answers may differ from the 4-bit in-app model: the share is reported."""
@@ -372,34 +512,76 @@ def test_cli_bad_gguf_export_is_one_error_line(run, tmp_path, capsys, args, frag
 
 
 # -- the web app ----------------------------------------------------------------------------------
-def test_the_export_gguf_endpoint_writes_into_the_run_folder(run, tmp_path, monkeypatch):
+def test_the_export_gguf_endpoint_writes_into_the_run_folder_and_hands_over_the_files(run, tmp_path, monkeypatch):
     """/export_gguf names the run by id and the type only; the server puts the file and its
-    Modelfile in RUN_DIR/gguf/TYPE and answers with the parity, without server paths."""
+    Modelfile in RUN_DIR/gguf/TYPE, answers with the parity (without server paths) and hands both
+    files over: gradio_client receives a GGUF that gguf-py reads. Another user gets neither, by
+    run id or by the file's path on the server."""
     import time
 
+    import gguf
+    import httpx
     from gradio_client import Client
     from gradio_client.exceptions import AppError
 
     from backend.jobs import Queue
 
     monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("STUDIO_AUTH", "admin:root pw,alice:alice pw,bob:bob pw")
     monkeypatch.setattr(gguf_export, "PROMPTS", 2)
     queue = Queue(db_path=tmp_path / "jobs.sqlite3", runs_root=tmp_path / "home" / "runs")
-    job = queue.submit(RunFolder(run).spec())
+    job = queue.submit(RunFolder(run).spec(), owner="alice")
     shutil.copytree(run, job.run_dir, dirs_exist_ok=True)  # the module's trained run, queued and completed
     queue._transition(job.run_id, ("queued",), state="completed", ended_at=time.time())
     demo, url = serve(queue)
     try:
-        client = Client(url, verbose=False)
-        message = client.predict(job.run_id, "q8_0", api_name="/export_gguf")
+        alice = Client(url, auth=("alice", "alice pw"), verbose=False)
+        message, gguf_file, modelfile_file = alice.predict(job.run_id, "q8_0", api_name="/export_gguf")
         assert "answered token for token" in message and "Modelfile" in message and str(tmp_path) not in message
         folder = Path(job.run_dir) / "gguf" / "q8_0"
-        assert only(folder) == sorted(["Modelfile", f"{Path(job.run_dir).name}-q8_0.gguf"])
+        name = f"{Path(job.run_dir).name}-q8_0.gguf"
+        assert only(folder) == sorted(["Modelfile", name])
+        # what the client received: the file itself, byte for byte, and the Modelfile that names it
+        assert Path(gguf_file).name == name and Path(gguf_file).read_bytes() == (folder / name).read_bytes()
+        reader = gguf.GGUFReader(gguf_file)
+        assert reader.fields["general.architecture"].contents() == "llama"
+        assert {t.tensor_type.name for t in reader.tensors if t.name.startswith("blk.0.attn_q")} == {"Q8_0"}
+        assert Path(modelfile_file).read_text(encoding="utf-8").startswith(f"FROM ./{name}\n")
         with pytest.raises(AppError):
-            client.predict(job.run_id, "q2_k", api_name="/export_gguf")
+            alice.predict(job.run_id, "q2_k", api_name="/export_gguf")
         assert only(Path(job.run_dir) / "gguf") == ["q8_0"]
+
+        bob = Client(url, auth=("bob", "bob pw"), verbose=False)
+        with pytest.raises(AppError, match="of yours"):
+            bob.predict(job.run_id, "q8_0", api_name="/export_gguf")
+        web = httpx.Client(base_url=url, timeout=30)
+        assert web.post("/login", data={"username": "bob", "password": "bob pw"}).status_code == 200
+        for path in (folder / name, folder / "Modelfile"):
+            response = web.get(f"/gradio_api/file={path}")
+            assert response.status_code >= 400 and b"GGUF" not in response.content[:4], (path, response.status_code)
     finally:
         demo.close()
+
+
+def test_a_download_is_only_a_file_of_the_callers_run(run, tmp_path):
+    """``run_download`` serves a file of the run's folder, never one outside it, by path or by link."""
+    import gradio as gr
+
+    from ui.common import run_download
+
+    outside = tmp_path / "secret.txt"
+    outside.write_text("not the run's")
+    link = Path(run) / "link-out.txt"
+    link.symlink_to(outside)
+    try:
+        for path in (outside, link, Path(run) / ".." / outside.name, Path(run) / "adapter"):
+            with pytest.raises(gr.Error, match="not a file of this run"):
+                run_download(path, run)
+    finally:
+        link.unlink()
+    served = Path(run_download(Path(run) / "config.yaml", run))
+    assert served.read_bytes() == (Path(run) / "config.yaml").read_bytes() and served.name == "config.yaml"
+    assert served != Path(run_download(Path(run) / "config.yaml", run))  # a fresh folder each time
 
 
 # -- the embedded model ---------------------------------------------------------------------------

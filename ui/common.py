@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
+from pathlib import Path
 
 import gradio as gr
+from gradio.utils import get_upload_folder
 
 from backend import access, service
 
@@ -41,3 +45,22 @@ def job_of(queue, run_id, request):
 
 def run_dir_of(queue, run_id, request) -> str:
     return job_of(queue, run_id, request).run_dir
+
+
+def run_download(path, run_dir) -> str:
+    """A file of the caller's run (``run_dir``, from ``job_of``) as a ``gr.File`` value. The file must lie
+    in that run's folder (``access.own_file``). Gradio serves only its own cache, so the file is linked
+    into it under a fresh unguessable folder: Gradio serves it as it is (no second copy of a
+    multi-GB file), other users cannot name it, and the app's ``delete_cache`` removes it after a
+    day. Where no link can be made (another file system), it is copied."""
+    try:
+        source = access.own_file(path, run_dir)
+    except access.AccessError as exc:
+        raise error(exc)
+    target = Path(get_upload_folder()) / f"studio-{secrets.token_hex(16)}" / source.name
+    target.parent.mkdir(parents=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+    return str(target)

@@ -8,7 +8,7 @@ import gradio as gr
 
 from backend import access, export, gguf_export
 
-from .common import error, job_of
+from .common import error, job_of, run_download
 from .i18n import t
 
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
@@ -31,6 +31,9 @@ def create_export_tab(queue):
     with gr.Row():
         quant = gr.Dropdown(list(gguf_export.QUANTS), value="f16", label=t("quant"))
         gguf_btn = gr.Button(t("gguf"))
+    with gr.Row():
+        gguf_file = gr.File(label=t("gguf_file"), interactive=False, height=80)
+        modelfile_file = gr.File(label=t("modelfile"), interactive=False, height=80)
     message = gr.Markdown()
 
     # the server picks every output location: the zip is a download, the merged model goes to the
@@ -69,11 +72,14 @@ def create_export_tab(queue):
         except ValueError as exc:
             raise error(exc)
         differs = "".join(f"\n- answered differently: {p!r}" for p in report["parity"]["differs"])
-        return (f"GGUF saved to `{access.redact(report['gguf'])}` with an Ollama `Modelfile` beside it "
-                f"(`ollama create NAME -f Modelfile` in that folder).\n\n{gguf_export.summary(report)}{differs}")
+        text = (f"GGUF saved to `{access.redact(report['gguf'])}` with an Ollama `Modelfile` beside it "
+                f"(download both into one folder, then `ollama create NAME -f Modelfile` there)."
+                f"\n\n{gguf_export.summary(report)}{differs}")
+        return text, run_download(report["gguf"], run_dir), run_download(report["modelfile"], run_dir)
 
     zip_btn.click(do_zip, [run], [zip_file], api_name="export_zip")
     merge_btn.click(do_merge, [run, dtype], [message], api_name="export_merge")
     push_btn.click(do_push, [run, repo_id, token, what, private], [message], api_name="export_push")
-    gguf_btn.click(do_gguf, [run, quant], [message], api_name="export_gguf")
+    # outputs: the message first, as before, then the two downloads
+    gguf_btn.click(do_gguf, [run, quant], [message, gguf_file, modelfile_file], api_name="export_gguf")
     return run

@@ -42,6 +42,8 @@ LABELS = {
     "what": ("What to push", "推送内容"),
     "private": ("Private repository", "私有仓库"),
     "push": ("Push to the Hub", "推送到 Hub"),
+    "gguf_file": ("GGUF file", "GGUF 文件"),
+    "modelfile": ("Ollama Modelfile", "Ollama Modelfile"),
     "quant": ("GGUF type", "GGUF 类型"),
     "gguf": ("Export GGUF + Ollama Modelfile (checked against the in-app answers)",
              "导出 GGUF + Ollama Modelfile（与应用内回答逐词比对）"),
