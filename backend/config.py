@@ -128,6 +128,9 @@ class TrainArgs:
     mix_kl: float = _f(3.0, "Weight of a KL penalty pulling the next-token distribution on the mixed general rows "
                             "towards the base model's (LoRA/QLoRA: the same model with the adapter off; full: a "
                             "frozen copy of the base in memory). 0: only cross-entropy on the rows' answers.")
+    mix_ce: float = _f(1.0, "Weight of the cross-entropy on the mixed general rows' answers. 0: those rows only "
+                            "anchor the mix_kl term (the QLoRA preset: its 4-bit base's own greedy answers are "
+                            "poorer targets than its distribution; README, 'Learn the new thing, keep the old').")
     ewc_samples: int = _f(64, "Rows of general data used to estimate the Fisher diagonal for EWC.")
     measure_forgetting: bool = _f(True, "After training, ask the shipped general questions (greedy) and report how "
                                         "many answers the base got right the tuned model keeps (forgetting.json).")
@@ -273,6 +276,7 @@ class RunSpec:
             (d.val_size, (int, float), lambda v: v >= 0, "val_size must be >= 0"),
             (d.mix_ratio, (int, float), lambda v: v >= 0, "mix_ratio must be >= 0"),
             (t.mix_kl, (int, float), lambda v: v >= 0, "mix_kl must be >= 0"),
+            (t.mix_ce, (int, float), lambda v: v >= 0, "mix_ce must be >= 0"),
             (t.beta, (int, float), lambda v: v > 0, "beta must be positive"),
             (t.num_train_epochs, (int, float), lambda v: v > 0, "num_train_epochs must be positive"),
             (t.max_steps, int, lambda v: v == -1 or v > 0, "max_steps must be -1 or positive"),
@@ -323,6 +327,8 @@ class RunSpec:
             problems.append(f"stage {m.stage} goes without ewc_lambda, augment_k and use_adalora (SFT tools)")
         if m.stage == "sft" and d.format == "preference":
             problems.append("format preference goes with stage dpo or orpo")
+        if d.mix_data and d.mix_ratio and not (t.mix_ce or t.mix_kl or t.ewc_lambda):
+            problems.append("mix_ce and mix_kl are both 0: the mixed rows would teach nothing (set one, or mix_data=none)")
         if t.ewc_lambda and not d.mix_data:
             problems.append("ewc_lambda needs mix_data: the general data whose knowledge EWC protects")
         if not (lo.target_modules == "all-linear" or isinstance(lo.target_modules, list)):

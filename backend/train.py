@@ -92,6 +92,7 @@ def train(spec: RunSpec, run_dir: str | Path, resume: bool = False, load_base=No
             trainer = _trainer(run, spec, model, tokenizer, train_ds, val_ds, precision)
             trainer.ewc = _setup_ewc(spec, model, tokenizer)
             trainer.mix_kl = spec.train.mix_kl if spec.data.mix_data and spec.data.mix_ratio else 0.0
+            trainer.mix_ce = spec.train.mix_ce
             trainer.reference = _reference(spec, model) if trainer.mix_kl else None
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         _record_best(run, trainer)
@@ -455,6 +456,8 @@ class StudioTrainer(Trainer):
       value equals the model's own causal-LM loss (tested), normalised the same way.
     * AdaLoRA runs add the orthogonality regulariser peft adds only to a loss made from ``labels``.
     * With EWC (``ewc``), the penalty for moving weights general data relies on joins the loss.
+    * ``mix_ce`` weights the cross-entropy on mixed-in general rows' answer tokens (0: they only
+      anchor the KL term); evaluation weighs every token alike.
     * With ``mix_kl``, the answer tokens of mixed-in general rows add ``mix_kl * KL(base || tuned)``
       of the next-token distributions (normalised like the cross-entropy): the base is the same
       model with its adapter switched off, or ``reference`` for full fine-tuning.
@@ -465,6 +468,7 @@ class StudioTrainer(Trainer):
 
     ewc = None  # an ewc.EWC whose penalty joins the training loss (full fine-tuning, ewc_lambda > 0)
     mix_kl = 0.0  # weight of the KL term on mixed general rows
+    mix_ce = 1.0  # weight of the cross-entropy on mixed general rows' answers (the rest: 1)
     reference = None  # full fine-tuning with mix_kl: a frozen copy of the base
     adalora = False  # add AdaLoRA's orthogonality regulariser
 
@@ -475,10 +479,17 @@ class StudioTrainer(Trainer):
         keep = (targets != template.IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
         outputs = model(**inputs, logits_to_keep=keep)
         targets = targets[:, keep]
-        loss = torch.nn.functional.cross_entropy(
-            outputs.logits.float().flatten(0, 1), targets.flatten(),
-            ignore_index=template.IGNORE_INDEX, reduction="sum",
-        )
+        if self.mix_ce != 1 and model.training and mixed is not None:  # mixed rows' answers weighted by mix_ce
+            per_token = torch.nn.functional.cross_entropy(
+                outputs.logits.float().flatten(0, 1), targets.flatten(),
+                ignore_index=template.IGNORE_INDEX, reduction="none",
+            ).view_as(targets)
+            loss = torch.where(mixed[:, 1:][:, keep], per_token * self.mix_ce, per_token).sum()
+        else:
+            loss = torch.nn.functional.cross_entropy(
+                outputs.logits.float().flatten(0, 1), targets.flatten(),
+                ignore_index=template.IGNORE_INDEX, reduction="sum",
+            )
         if self.mix_kl and model.training and mixed is not None:
             loss = loss + self.mix_kl * self._kl_to_base(model, inputs, outputs.logits, keep, mixed)
         if num_items_in_batch is None:  # a mean over this batch; training_step divides by accumulation

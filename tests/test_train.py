@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import cli, tiny_spec, wait_for
 from safetensors.torch import load_file
@@ -167,6 +168,43 @@ def test_kl_to_base_covers_the_mixed_rows_alone(tiny_model_dir, tokenizer):
             expected += (base.exp() * (base - tuned)).sum()
     assert expected > 0
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_mix_ce_weighs_the_mixed_rows_cross_entropy_alone(tiny_model_dir, tokenizer):
+    """mix_ce scales only the mixed rows' answer tokens: at 0 the loss is the task rows' summed
+    cross-entropy over every learned token's count; at 1 it is the plain loss; in between, linear."""
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    convs = [[{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": "Answer " * i}]
+             for i in range(1, 5)]
+    features = [{"input_ids": e["input_ids"], "labels": e["labels"], "mixed": m} for e, m in
+                zip((template.encode(tokenizer, c, "Sys") for c in convs), [0, 1, 0, 1])]
+    batch = train_mod._Collator()(features)
+    trainer = train_mod.StudioTrainer(model=model, args=TrainingArguments("/tmp/unused", use_cpu=True,
+                                                                          report_to="none"))
+    per_row = []
+    with torch.no_grad():
+        for f in features:
+            out = model(input_ids=torch.tensor([f["input_ids"]]), labels=torch.tensor([f["labels"]]))
+            per_row.append((out.loss * sum(x != -100 for x in f["labels"][1:]), f["mixed"]))
+        count = sum(sum(x != -100 for x in f["labels"][1:]) for f in features)
+        task = sum(loss for loss, m in per_row if not m)
+        mixed = sum(loss for loss, m in per_row if m)
+        model.train()  # mix_ce applies while training only
+        for weight in (0.0, 0.5, 1.0):
+            trainer.mix_ce = weight
+            torch.testing.assert_close(trainer.compute_loss(model, dict(batch)), (task + weight * mixed) / count)
+    assert mixed > 0 and task > 0
+
+
+def test_mixed_rows_that_would_teach_nothing_are_refused():
+    from backend.config import ConfigError, RunSpec
+
+    with pytest.raises(ConfigError, match="mix_ce and mix_kl are both 0"):
+        RunSpec.from_flat({"data": "x.csv", "mix_ce": 0, "mix_kl": 0}).validate()
+    RunSpec.from_flat({"data": "x.csv", "mix_ce": 0, "mix_kl": 0, "mix_data": "none"}).validate()
 
 
 def test_raw_text_longer_than_max_length_is_trained_on_every_token_once_per_epoch(
