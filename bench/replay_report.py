@@ -42,6 +42,8 @@ VARIANTS = {  # name -> overrides on the embedded preset of the method
         "half-2ep": {"mix_ratio": 0.5, "num_train_epochs": 2},
         "half-kl6": {"mix_ratio": 0.5, "mix_kl": 6.0},
         "half-2ep-kl6": {"mix_ratio": 0.5, "num_train_epochs": 2, "mix_kl": 6.0},
+        "kl5": {"mix_kl": 5.0}, "kl8": {"mix_kl": 8.0},
+        "ce0": {"mix_ce": 0.0}, "r15": {"mix_ratio": 1.5},
     }.items()},
 }
 
