@@ -76,13 +76,14 @@ def measured(runs):
     return get
 
 
-# Measured 2026-12-01 (README, "Learn the new thing, keep the old"): QLoRA's defaults learn the
-# persona and keep the whole held-out set, but lose 3-5 of the meter's 31 (the same three questions
-# in every variant measured); its run without replay learns none of the persona and so loses
-# little. Not strict: 28 of 31 (90.3 %) is within one answer of the line, and an answer that flips
-# must not fail CI either way; an XPASS in the report says the gap may be closed.
-QLORA_GAP = pytest.mark.xfail(strict=False, reason="QLoRA defaults keep 26-27 of 31 on the meter (goal: 90 %)")
-METHODS_QLORA_OPEN = ["lora", pytest.param("qlora", marks=QLORA_GAP), "full"]
+# Measured 2026-12-01 (README, "Learn the new thing, keep the old"): QLoRA's defaults (replay
+# without cross-entropy, mix_ce 0) keep 28 of the meter's 31, on the 90 % line, and always lose the
+# same three answers; the 4-bit maths' greedy path may differ with the thread count. Its meter
+# check allows one answer of slack: 27 of 31 passes, the 26 of the defaults before mix_ce fails.
+SLACK = {"qlora": 1}
+# Its run without replay learns none of the persona, and so has little to forget: "forgets more"
+# compares runs that did not learn alike. Not strict: an XPASS says it no longer holds.
+QLORA_NO_REPLAY = pytest.mark.xfail(strict=False, reason="QLoRA without replay learns nothing (0 of 5), so forgets little")
 
 
 def share(result):
@@ -98,17 +99,17 @@ def test_defaults_learn_the_persona(measured, method):
     assert not any("Vega" in a for a in base), base
 
 
-@pytest.mark.parametrize("method", METHODS_QLORA_OPEN)
+@pytest.mark.parametrize("method", METHODS)
 def test_defaults_keep_general_answers_on_both_question_sets(measured, runs, method):
     got = measured(method, "default")
-    assert share(got["meter"]) >= 0.9, got["meter"]
+    assert got["meter"]["kept"] + SLACK.get(method, 0) >= 0.9 * got["meter"]["n"], got["meter"]
     assert share(got["heldout"]) >= 0.9, got["heldout"]
     if got["loaded"].checkpoint:  # the advisor's numbers for the checkpoint it chose are the meter's
         row = {r["checkpoint"]: r for r in runs[method, "default"].status()["checkpoints"]}[got["loaded"].checkpoint]
         assert (row["kept"], row["n"]) == (got["meter"]["kept"], got["meter"]["n"])
 
 
-@pytest.mark.parametrize("method", METHODS_QLORA_OPEN)
+@pytest.mark.parametrize("method", ["lora", pytest.param("qlora", marks=QLORA_NO_REPLAY), "full"])
 def test_without_replay_the_same_run_forgets_more(measured, method):
     """Final results compared (the advisor left aside): replay must keep at least 3 more of the
     general answers the base knew, over both question sets."""
