@@ -271,27 +271,36 @@ def generate_rows(loaded: LoadedRun, rows: list[tuple[str, list[dict] | str]], s
         names = [BASE_ADAPTER if side == "base" else adapter if side == "tuned" else side
                  for side, _ in rows] if adapter else None
         groups = [[(loaded.base, list(range(len(rows))), names, nullcontext())]]
-    errors: list[BaseException] = []
 
     def work(calls):
+        for model, idx, names, context in calls:
+            with context:
+                _generate_group(loaded, model, [prompts[i] for i in idx], names,
+                                _RowStreamer(tok, idx, texts, stop_ids, on_update), max_new_tokens,
+                                repetition_penalty, seed, _sampling(temperature, top_p, top_k))
+
+    with loaded.lock:
+        _in_threads(work, [(calls,) for calls in groups])
+    return texts
+
+
+def _in_threads(work, parts: list[tuple]) -> None:
+    """``work(*part)`` for every part, each in its own thread; the first error is raised here."""
+    errors: list[BaseException] = []
+
+    def guarded(*args):
         try:
-            for model, idx, names, context in calls:
-                with context:
-                    _generate_group(loaded, model, [prompts[i] for i in idx], names,
-                                    _RowStreamer(tok, idx, texts, stop_ids, on_update), max_new_tokens,
-                                    repetition_penalty, seed, _sampling(temperature, top_p, top_k))
+            work(*args)
         except BaseException as exc:  # surfaced in the caller's thread
             errors.append(exc)
 
-    with loaded.lock:
-        threads = [threading.Thread(target=work, args=(calls,), daemon=True) for calls in groups]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+    threads = [threading.Thread(target=guarded, args=part, daemon=True) for part in parts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     if errors:
         raise errors[0]
-    return texts
 
 
 def _with_parent(loaded: LoadedRun, parent: LoadedRun, rows, on_update, **settings) -> list[str]:
@@ -302,7 +311,6 @@ def _with_parent(loaded: LoadedRun, parent: LoadedRun, rows, on_update, **settin
     lock = threading.Lock()
     parts = [(parent, [i for i, (s, _) in enumerate(rows) if s == "parent"], "tuned"),
              (loaded, [i for i, (s, _) in enumerate(rows) if s != "parent"], None)]
-    errors: list[BaseException] = []
 
     def work(run, idx, side):
         def update(sub):
@@ -312,21 +320,12 @@ def _with_parent(loaded: LoadedRun, parent: LoadedRun, rows, on_update, **settin
                 if on_update is not None:
                     on_update(list(texts))
 
-        try:
-            answers = generate_rows(run, [(side or rows[i][0], rows[i][1]) for i in idx], on_update=update, **settings)
-            with lock:
-                for j, i in enumerate(idx):
-                    texts[i] = answers[j]
-        except BaseException as exc:  # surfaced in the caller's thread
-            errors.append(exc)
+        answers = generate_rows(run, [(side or rows[i][0], rows[i][1]) for i in idx], on_update=update, **settings)
+        with lock:
+            for j, i in enumerate(idx):
+                texts[i] = answers[j]
 
-    threads = [threading.Thread(target=work, args=part, daemon=True) for part in parts if part[1]]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
+    _in_threads(work, [part for part in parts if part[1]])
     return texts
 
 
