@@ -74,17 +74,9 @@ def _mean_f1(answers: list[str], prompts: list[dict], tokenizer) -> float:
     return round(sum(scores) / len(scores), 3) if scores else 0.0
 
 
-def learned_score(loaded, prompts: list[dict]) -> float:
-    """Mean token F1 of the tuned side's greedy answers to ``{prompt, reference}`` rows."""
-    from . import playground
-
-    answers = list(playground.stream_rows(loaded, _rows(prompts, "tuned"), max_new_tokens=MAX_NEW_TOKENS,
-                                          temperature=0.0))[-1]
-    return _mean_f1(answers, prompts, loaded.tokenizer)
-
-
 def learned_scores(run_dir, checkpoints: list[str], prompts: list[dict]) -> dict[str, float]:
-    """``learned_score`` of each checkpoint (greedy answers from ``checkpoint_answers``)."""
+    """Each checkpoint's learned score: the mean token F1 of its greedy answers (``checkpoint_answers``)
+    against the ``{prompt, reference}`` rows' references."""
     answers, tokenizer = checkpoint_answers(run_dir, checkpoints, prompts)
     return {name: _mean_f1(answers[name], prompts, tokenizer) for name in checkpoints}
 
@@ -92,14 +84,14 @@ def learned_scores(run_dir, checkpoints: list[str], prompts: list[dict]) -> dict
 def checkpoint_answers(run_dir, checkpoints: list[str], prompts: list[dict]) -> tuple[dict[str, list[str]], object]:
     """Each checkpoint's greedy answers to ``prompts``, and the tokenizer. A LoRA/QLoRA run loads its
     base once with every checkpoint's adapter on it and answers all of them in one batched
-    ``generate`` (peft's mixed-adapter batches): loading the base and generating once per checkpoint
-    took ~3x as long. Full, DoRA and AdaLoRA runs (no mixed batches) load each checkpoint in turn."""
+    ``generate`` (peft's mixed-adapter batches) instead of loading the base and decoding once per
+    checkpoint. Full, DoRA and AdaLoRA runs (no mixed batches) load each checkpoint in turn."""
     from . import playground
 
-    spec = RunFolder(run_dir).spec()
-    settings = {"max_new_tokens": MAX_NEW_TOKENS, "temperature": 0.0}
     if not checkpoints:
         return {}, None
+    spec = RunFolder(run_dir).spec()
+    settings = {"max_new_tokens": MAX_NEW_TOKENS, "temperature": 0.0}
     if spec.model.method == "full" or spec.lora.use_dora or spec.lora.use_adalora:
         answers = {}
         for name in checkpoints:
