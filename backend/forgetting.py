@@ -120,15 +120,14 @@ def _answers(loaded: playground.LoadedRun, side: str, prompts: list[str], system
     out: list[str] = []
     for start in range(0, len(prompts), batch_size):
         rows = [(side, [{"role": "user", "content": p}]) for p in prompts[start:start + batch_size]]
-        texts = list(playground.stream_rows(loaded, rows, system_prompt=system_prompt,
-                                            max_new_tokens=max_new_tokens, temperature=0.0))[-1]
-        out += texts
+        out += playground.generate_rows(loaded, rows, system_prompt=system_prompt,
+                                        max_new_tokens=max_new_tokens, temperature=0.0)
     return out
 
 
 def standalone(model_path: str, system_prompt: str | None, chat_template: str | None, method: str,
                 trust_remote_code: bool) -> playground.LoadedRun:
-    """The base model alone, wrapped so ``playground.stream_rows`` can answer with it."""
+    """The base model alone, wrapped so ``playground.generate_rows`` can answer with it."""
     tokenizer = template.setup_chat_template(models.load_tokenizer(model_path, trust_remote_code), chat_template)
     model, _ = models.load_base(model_path, method, trust_remote_code)
     spec = RunSpec()

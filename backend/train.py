@@ -19,6 +19,8 @@ Flow (each step is a function below, in this order):
    packed rows runs per example (``backend.attention``). Full fine-tuning
    with ``ewc_lambda`` also estimates the Fisher diagonal on general data (``backend.ewc``).
    A run with ``from_run`` starts from that run's result (``backend.preference.start_point``).
+   With ``mix_kl``, the base model's next-token distributions on the mixed rows are computed once,
+   before the first step (``backend.anchor``), for the KL term.
 4. ``_trainer``: stages ``dpo`` and ``orpo`` train with TRL's trainers instead, on the same
    arguments and callbacks (``backend.preference``); stage ``sft``: a transformers ``Trainer`` with padding-free packing
    (``DataCollatorWithFlattening``: a batch is one row of concatenated examples whose
@@ -89,11 +91,11 @@ def train(spec: RunSpec, run_dir: str | Path, resume: bool = False, load_base=No
                                          _training_args(run, spec, val_ds, precision), [RunCallback(run)])
             _quiet_printer(trainer)
         else:
-            trainer = _trainer(run, spec, model, tokenizer, train_ds, val_ds, precision)
+            mix_kl = spec.train.mix_kl if spec.data.mix_data and spec.data.mix_ratio else 0.0
+            anchors = _anchor_targets(model, train_ds) if mix_kl else None
+            trainer = _trainer(run, spec, model, tokenizer, train_ds, val_ds, precision, anchors)
             trainer.ewc = _setup_ewc(spec, model, tokenizer)
-            trainer.mix_kl = spec.train.mix_kl if spec.data.mix_data and spec.data.mix_ratio else 0.0
-            trainer.mix_ce = spec.train.mix_ce
-            trainer.reference = _reference(spec, model) if trainer.mix_kl else None
+            trainer.mix_kl, trainer.mix_ce = mix_kl, spec.train.mix_ce
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         _record_best(run, trainer)
         _save_result(run, spec, trainer, tokenizer)
@@ -331,14 +333,17 @@ def _optimizer_for_device(spec: RunSpec, device: str) -> tuple[RunSpec, str | No
     return dataclasses.replace(spec, train=train), f"CPU: optim {optim} needs CUDA; using adamw_torch"
 
 
-def _reference(spec: RunSpec, model):
-    """The base model the ``mix_kl`` term pulls towards. LoRA/QLoRA need none (the adapter is
-    switched off instead); full fine-tuning keeps a frozen copy of the base weights."""
-    if spec.model.method != "full":
-        return None
-    import copy
+def _anchor_targets(model, train_ds) -> list:
+    """The ``mix_kl`` term's targets (``backend.anchor``): the base model's next-token distributions
+    on the mixed rows, computed once before the first step (the model has not moved from the base yet)."""
+    from . import anchor
 
-    return copy.deepcopy(model).eval().requires_grad_(False)
+    t0 = time.time()
+    found = anchor.targets(model, train_ds)
+    rows = [t for t in found if t is not None]
+    print(f"KL anchor: the base model's top-{anchor.K} next tokens at {sum(len(t[0]) for t in rows)} learned "
+          f"tokens of {len(rows)} mixed rows, computed once in {time.time() - t0:.0f}s", flush=True)
+    return found
 
 
 def _setup_ewc(spec: RunSpec, model, tokenizer):
@@ -410,15 +415,17 @@ def _quiet_printer(trainer) -> None:
     trainer.remove_callback(PrinterCallback)  # RunCallback prints one readable line per log
 
 
-def _trainer(run, spec, model, tokenizer, train_ds, val_ds, precision):
+def _trainer(run, spec, model, tokenizer, train_ds, val_ds, precision, anchors=None):
     from transformers import TrainingArguments
 
     t = spec.train
     early_stop = bool(t.early_stopping_patience) and val_ds is not None
     args = TrainingArguments(**_training_args(run, spec, val_ds, precision))
+    if anchors is not None:  # each example names its row of the anchors table
+        train_ds = train_ds.add_column("index", list(range(len(train_ds))))
     trainer = StudioTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-        data_collator=_Collator(), processing_class=tokenizer,
+        data_collator=_Collator(anchors), processing_class=tokenizer,
         callbacks=[RunCallback(run)],
     )
     if early_stop:
@@ -437,7 +444,13 @@ class _Collator(DataCollatorWithFlattening):
     """Packs a batch into one row (``DataCollatorWithFlattening``), with each example's own
     ``position_ids`` (a raw-text block restarts them where a document starts, so attention stays
     inside each document; the library's restart only per example), and adds ``mixed``: 1 on every
-    token of a mixed-in general row, so the loss knows where the ``mix_kl`` term applies."""
+    token of a mixed-in general row, so the loss knows where the ``mix_kl`` term applies. With
+    ``anchors`` (``backend.anchor.targets``, one entry per example of the dataset, which then carries
+    an ``index`` column), also the mixed rows' ``anchor_ids``/``anchor_logp`` in packed order."""
+
+    def __init__(self, anchors: list | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.anchors = anchors
 
     def __call__(self, features, return_tensors=None, separator_id=None):
         batch = super().__call__(features, return_tensors, separator_id)
@@ -445,6 +458,11 @@ class _Collator(DataCollatorWithFlattening):
             batch["position_ids"] = torch.tensor([[p for f in features for p in f["position_ids"]]])
         flags = [f.get("mixed", 0) for f in features if len(f["input_ids"]) for _ in f["input_ids"]]
         batch["mixed"] = torch.tensor([flags], dtype=torch.bool)
+        found = [self.anchors[f["index"]] for f in features if "index" in f] if self.anchors is not None else []
+        found = [a for a in found if a is not None]
+        if found:
+            batch["anchor_ids"] = torch.cat([ids for ids, _ in found])
+            batch["anchor_logp"] = torch.cat([logp for _, logp in found])
         return batch
 
 
@@ -459,8 +477,8 @@ class StudioTrainer(Trainer):
     * ``mix_ce`` weights the cross-entropy on mixed-in general rows' answer tokens (0: they only
       anchor the KL term); evaluation weighs every token alike.
     * With ``mix_kl``, the answer tokens of mixed-in general rows add ``mix_kl * KL(base || tuned)``
-      of the next-token distributions (normalised like the cross-entropy): the base is the same
-      model with its adapter switched off, or ``reference`` for full fine-tuning.
+      of the next-token distributions (normalised like the cross-entropy); the base's side comes
+      with the batch (``anchor_ids``/``anchor_logp``, computed before training: ``backend.anchor``).
     * Evaluation leaves the random generators as it found them, so a run resumed from a checkpoint
       draws the same dropout masks as one that never stopped (creating the eval dataloader would
       otherwise consume a draw that the resumed run, which skips that evaluation, never makes).
@@ -469,13 +487,13 @@ class StudioTrainer(Trainer):
     ewc = None  # an ewc.EWC whose penalty joins the training loss (full fine-tuning, ewc_lambda > 0)
     mix_kl = 0.0  # weight of the KL term on mixed general rows
     mix_ce = 1.0  # weight of the cross-entropy on mixed general rows' answers (the rest: 1)
-    reference = None  # full fine-tuning with mix_kl: a frozen copy of the base
     adalora = False  # add AdaLoRA's orthogonality regulariser
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         targets = inputs.pop("labels")[:, 1:]
         mixed = inputs.pop("mixed", None)
+        anchor_ids, anchor_logp = inputs.pop("anchor_ids", None), inputs.pop("anchor_logp", None)
         keep = (targets != template.IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
         outputs = model(**inputs, logits_to_keep=keep)
         targets = targets[:, keep]
@@ -490,8 +508,8 @@ class StudioTrainer(Trainer):
                 outputs.logits.float().flatten(0, 1), targets.flatten(),
                 ignore_index=template.IGNORE_INDEX, reduction="sum",
             )
-        if self.mix_kl and model.training and mixed is not None:
-            loss = loss + self.mix_kl * self._kl_to_base(model, inputs, outputs.logits, keep, mixed)
+        if self.mix_kl and model.training and anchor_ids is not None:
+            loss = loss + self.mix_kl * _kl_to_base(outputs.logits, keep, mixed, anchor_ids, anchor_logp)
         if num_items_in_batch is None:  # a mean over this batch; training_step divides by accumulation
             loss, self.loss_is_scaled_for_ga = loss / (targets != template.IGNORE_INDEX).sum(), False
         else:  # normalised over the whole accumulated batch, as the model's own loss would be
@@ -504,29 +522,21 @@ class StudioTrainer(Trainer):
             loss = loss + self.ewc.penalty() / (self.args.gradient_accumulation_steps if self.loss_is_scaled_for_ga else 1)
         return (loss, outputs) if return_outputs else loss
 
-    def _kl_to_base(self, model, inputs, logits, keep, mixed) -> torch.Tensor:
-        """Summed KL(base || tuned) over the learned tokens of mixed rows (``mixed``: 1 on every token of
-        a mixed row). The base sees only the mixed rows' tokens: rows are packed with their own
-        ``position_ids``, so attention stays within a row and the task rows need no base forward."""
-        rows = mixed[0]
-        where = rows[1:][keep]  # kept logit positions whose next token belongs to a mixed row
-        if not where.any():
-            return logits.new_zeros(())
-        sub = {k: v[:, rows] for k, v in inputs.items() if k in ("input_ids", "position_ids")} | {"use_cache": False}
-        index = torch.cumsum(rows.long(), 0) - 1  # position in the mixed-only sequence
-        with torch.no_grad():
-            if self.reference is not None:
-                base = self.reference(**sub, logits_to_keep=index[keep[where]]).logits
-            else:
-                with self.accelerator.unwrap_model(model).disable_adapter():
-                    base = model(**sub, logits_to_keep=index[keep[where]]).logits
-        tuned = torch.log_softmax(logits[:, where].float(), dim=-1)
-        return torch.nn.functional.kl_div(tuned, torch.log_softmax(base.float(), dim=-1), log_target=True,
-                                          reduction="sum")
-
     def evaluate(self, *args, **kwargs):
         with torch.random.fork_rng():
             return super().evaluate(*args, **kwargs)
+
+
+def _kl_to_base(logits, keep, mixed, anchor_ids, anchor_logp) -> torch.Tensor:
+    """Summed KL(base || tuned) over the learned tokens of mixed rows (``mixed``: 1 on every token of
+    a mixed row; ``keep``: the positions ``logits`` were computed at), against the base's top tokens
+    at those positions in packed order (``backend.anchor.kl``)."""
+    where = mixed[0][1:][keep]  # kept logit positions whose next token belongs to a mixed row
+    if int(where.sum()) != len(anchor_ids):
+        raise RuntimeError(f"KL anchor: {len(anchor_ids)} base distributions for {int(where.sum())} mixed-row tokens")
+    from .anchor import kl
+
+    return kl(logits[0, where], anchor_ids, anchor_logp)
 
 
 def _adalora_orthogonality(model) -> torch.Tensor:

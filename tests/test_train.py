@@ -137,28 +137,23 @@ def test_loss_on_learned_positions_only_equals_the_models_own_loss(tiny_model_di
 
 
 def test_kl_to_base_covers_the_mixed_rows_alone(tiny_model_dir, tokenizer):
-    """The KL term's base forward sees only the mixed rows' tokens; it equals KL(base || tuned) summed
-    over the learned tokens of each mixed row computed on that row alone."""
+    """The KL term, from base distributions computed once before training (``backend.anchor``),
+    equals KL(base || tuned) summed over the learned tokens of each mixed row computed on that row
+    alone when the anchors keep the whole vocabulary; with fewer tokens kept it is a lower bound."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, TrainingArguments
+    from transformers import AutoModelForCausalLM
+
+    from backend import anchor
 
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
                            LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     convs = [[{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": "Answer " * i}]
              for i in range(1, 5)]
-    mixed = [0, 1, 0, 1]
-    features = [{"input_ids": e["input_ids"], "labels": e["labels"], "mixed": m} for e, m in
-                zip((template.encode(tokenizer, c, "Sys") for c in convs), mixed)]
-    batch = train_mod._Collator()(features)
-    trainer = train_mod.StudioTrainer(model=model, args=TrainingArguments("/tmp/unused", use_cpu=True,
-                                                                          report_to="none"))
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "mixed")}
-    targets = batch["labels"][:, 1:]
-    keep = (targets != -100).any(dim=0).nonzero().squeeze(-1)
+    features = [{"input_ids": e["input_ids"], "labels": e["labels"], "mixed": m, "index": i} for i, (e, m) in
+                enumerate(zip((template.encode(tokenizer, c, "Sys") for c in convs), [0, 1, 0, 1]))]
+    vocab = model.config.vocab_size
     with torch.no_grad():
-        got = trainer._kl_to_base(model, inputs, model(**inputs, logits_to_keep=keep).logits, keep, batch["mixed"])
-
         expected = torch.zeros(())
         for f in (f for f in features if f["mixed"]):
             ids, learned = torch.tensor([f["input_ids"]]), torch.tensor(f["labels"][1:]) != -100
@@ -167,7 +162,21 @@ def test_kl_to_base_covers_the_mixed_rows_alone(tiny_model_dir, tokenizer):
                 base = torch.log_softmax(model(input_ids=ids).logits[0, :-1][learned], dim=-1)
             expected += (base.exp() * (base - tuned)).sum()
     assert expected > 0
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    got = {}
+    for k in (vocab, 8):
+        targets = anchor.targets(model, features, k=k)
+        assert [t is not None for t in targets] == [bool(f["mixed"]) for f in features]
+        batch = train_mod._Collator(targets)(features)
+        inputs = {key: v for key, v in batch.items() if key not in ("labels", "mixed", "anchor_ids", "anchor_logp")}
+        keep = (batch["labels"][:, 1:] != -100).any(dim=0).nonzero().squeeze(-1)
+        with torch.no_grad():
+            got[k] = train_mod._kl_to_base(model(**inputs, logits_to_keep=keep).logits, keep, batch["mixed"],
+                                           batch["anchor_ids"], batch["anchor_logp"])
+    torch.testing.assert_close(got[vocab], expected, rtol=1e-4, atol=1e-5)
+    assert 0 < got[8] < expected  # the top 8 and one bucket for the rest: a lower bound
+    with pytest.raises(RuntimeError, match="base distributions for"):  # anchors that do not match the batch
+        train_mod._kl_to_base(torch.zeros(1, len(keep), vocab), keep, batch["mixed"], batch["anchor_ids"][1:],
+                              batch["anchor_logp"][1:])
 
 
 def test_mix_ce_weighs_the_mixed_rows_cross_entropy_alone(tiny_model_dir, tokenizer):
