@@ -297,6 +297,7 @@ def _setup_model(spec: RunSpec, total_steps: int = 1, load_base=None):
 
     lo = spec.lora
     if spec.model.method == "qlora":
+        _keep_4bit_training_layout(model)
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=spec.train.gradient_checkpointing
         )
@@ -320,6 +321,18 @@ def _setup_model(spec: RunSpec, total_steps: int = 1, load_base=None):
         config = LoraConfig(r=lo.r, use_dora=lo.use_dora, use_rslora=lo.use_rslora, rank_pattern=lo.rank_pattern,
                             alpha_pattern=lo.alpha_pattern, target_parameters=lo.target_parameters, **common)
     return get_peft_model(model, config), precision
+
+
+def _keep_4bit_training_layout(model) -> None:
+    """bitsandbytes (0.50) repacks a 4-bit layer's weights for its CPU inference kernel on the first
+    forward in eval mode without gradients, on CPUs with AVX512-BF16, and keeps them so. A model in
+    training meets such forwards (the Trainer's evaluation, the KL anchors), and its gradients after
+    one are wrong (tests/test_train.py); the layers of a model being trained never repack."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _optimizer_for_device(spec: RunSpec, device: str) -> tuple[RunSpec, str | None]:

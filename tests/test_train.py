@@ -111,6 +111,28 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, tiny_model_
         torch.testing.assert_close(resumed[key], whole[key], rtol=1e-4, atol=1e-5)
 
 
+def test_a_qlora_model_in_training_keeps_its_gradients_after_an_eval_forward(tiny_model_dir, tiny_data):
+    """bitsandbytes repacks 4-bit weights for its CPU inference kernel on an eval-mode forward without
+    gradients (CPUs with AVX512-BF16) and its gradients are wrong after that; a model being trained
+    meets such forwards (the Trainer's evaluation, the KL anchors) and must not repack."""
+    torch.manual_seed(0)
+    model, _ = train_mod._setup_model(tiny_spec(tiny_model_dir, tiny_data, "qlora"))
+    ids = torch.tensor([list(range(1, 33))])
+
+    def gradients():
+        model.train()
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    before = gradients()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert before.abs().sum() > 0
+    torch.testing.assert_close(gradients(), before)
+
+
 def test_loss_on_learned_positions_only_equals_the_models_own_loss(tiny_model_dir, tokenizer):
     from transformers import AutoModelForCausalLM, DataCollatorWithFlattening, TrainingArguments
 
