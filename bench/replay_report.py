@@ -38,6 +38,7 @@ VARIANTS = {  # name -> overrides on the embedded preset of the method
         "replay": {"mix_data": "replay", "mix_kl": 0.0},
         "replay-kl": {"mix_data": "replay", "mix_kl": 1.0},
         "2ep": {"num_train_epochs": 2},  # cheaper defaults, measured against the shipped ones
+        "3ep": {"num_train_epochs": 3},
         "half": {"mix_ratio": 0.5},
         "half-2ep": {"mix_ratio": 0.5, "num_train_epochs": 2},
         "half-kl6": {"mix_ratio": 0.5, "mix_kl": 6.0},
