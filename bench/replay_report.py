@@ -44,7 +44,8 @@ VARIANTS = {  # name -> overrides on the embedded preset of the method
         "half-kl6": {"mix_ratio": 0.5, "mix_kl": 6.0},
         "half-2ep-kl6": {"mix_ratio": 0.5, "num_train_epochs": 2, "mix_kl": 6.0},
         "kl5": {"mix_kl": 5.0}, "kl8": {"mix_kl": 8.0},
-        "ce0": {"mix_ce": 0.0}, "r15": {"mix_ratio": 1.5},
+        "ce0": {"mix_ce": 0.0}, "r15": {"mix_ratio": 1.5}, "r2": {"mix_ratio": 2.0},
+        "lr-half": {"learning_rate": 5e-5},  # full fine-tuning's preset rate halved
     }.items()},
 }
 
