@@ -192,7 +192,7 @@ def test_kl_to_base_covers_the_mixed_rows_alone(tiny_model_dir, tokenizer):
         inputs = {key: v for key, v in batch.items() if key not in ("labels", "mixed", "anchor_ids", "anchor_logp")}
         keep = (batch["labels"][:, 1:] != -100).any(dim=0).nonzero().squeeze(-1)
         with torch.no_grad():
-            got[k] = train_mod._kl_to_base(model(**inputs, logits_to_keep=keep).logits, keep, batch["mixed"],
+            got[k] = train_mod._kl_to_base(model(**inputs, logits_to_keep=keep, use_cache=False).logits, keep, batch["mixed"],
                                            batch["anchor_ids"], batch["anchor_logp"])
     torch.testing.assert_close(got[vocab], expected, rtol=1e-4, atol=1e-5)
     assert 0 < got[8] < expected  # the top 8 and one bucket for the rest: a lower bound
