@@ -25,7 +25,7 @@ import torch
 from . import template
 
 K = 128
-CHUNK_TOKENS = 512  # positions whose vocabulary-wide logits are held at once
+CHUNK_TOKENS = 512  # tokens per forward: at most this many vocabulary-wide rows of logits are held at once
 
 
 def learned_positions(labels: list[int]) -> list[int]:
@@ -39,7 +39,7 @@ def targets(model, examples, k: int = K) -> list[tuple[torch.Tensor, torch.Tenso
     tokens at each learned position (``learned_positions``) and their log-probabilities, shape
     ``(positions, k)``, on the CPU; None for the other examples. ``model``: a peft model (its adapter
     is switched off) or the plain base model. Examples are packed as in training (``position_ids``
-    restarting per example), up to ``CHUNK_TOKENS`` learned positions per forward."""
+    restarting per example), up to ``CHUNK_TOKENS`` tokens per forward (a longer example alone)."""
     out: list = [None] * len(examples)
     todo = [i for i, e in enumerate(examples) if e.get("mixed")]
     if not todo:

@@ -288,7 +288,7 @@ def _in_threads(work, parts: list[tuple]) -> None:
     """``work(*part)`` for every part, each in its own thread; the first error is raised here. A
     single part runs in the caller's thread: torch's OpenMP threads wait for work by spinning only
     while no more threads than cores are managed, so a second thread team (one per calling thread)
-    makes every parallel region wake its threads from sleep; generation then ran 1.5x slower."""
+    makes every parallel region wake its threads from sleep (README: cost of the default run)."""
     if len(parts) == 1:
         work(*parts[0])
         return
