@@ -20,6 +20,7 @@ template, precision) and cached in ``STUDIO_HOME/forgetting/base_answers.json``.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import re
@@ -109,9 +110,13 @@ def _read_cache() -> dict:
 def _write_cache_entry(key: str, entry: dict) -> None:
     path = cache_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    cache = _read_cache()  # re-read: another process may have added its own entry meanwhile
-    cache[key] = entry
-    write_atomic(path, json.dumps(cache, ensure_ascii=False, indent=1))
+    # Held across read-modify-write: two processes (two runs, two test workers) adding entries at
+    # once would otherwise each write back the file without the other's entry.
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cache = _read_cache()
+        cache[key] = entry
+        write_atomic(path, json.dumps(cache, ensure_ascii=False, indent=1))
 
 
 def _answers(loaded: playground.LoadedRun, side: str, prompts: list[str], system_prompt: str | None,

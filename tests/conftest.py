@@ -11,6 +11,22 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# `make test` runs two pytest-xdist workers. Torch's default, one thread per core in every worker,
+# makes the workers' OpenMP teams spin against each other on the same cores: each gets its share.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+
+# The workers take whole files (--dist loadfile) in collection order: the longest go first, so the
+# workers finish together instead of one starting the longest file last.
+LONGEST_FIRST = ("test_learning.py", "test_preference_learning.py", "test_gguf.py", "test_app.py",
+                 "test_playground.py", "test_forgetting.py", "test_load.py", "test_train.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
 
 @pytest.fixture(scope="session")
 def tokenizer():
