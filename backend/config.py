@@ -329,8 +329,6 @@ class RunSpec:
             problems.append("format preference goes with stage dpo or orpo")
         if d.mix_data and d.mix_ratio and not (t.mix_ce or t.mix_kl or t.ewc_lambda):
             problems.append("mix_ce and mix_kl are both 0: the mixed rows would teach nothing (set one, or mix_data=none)")
-        if t.ewc_lambda and not d.mix_data:
-            problems.append("ewc_lambda needs mix_data: the general data whose knowledge EWC protects")
         if not (lo.target_modules == "all-linear" or isinstance(lo.target_modules, list)):
             problems.append(f"target_modules must be a list of names or 'all-linear' (got {lo.target_modules!r})")
         if problems:

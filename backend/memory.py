@@ -133,6 +133,7 @@ class Estimate:
     disk_result: int
     disk_total: int             # result + save_total_limit + 1 checkpoints (see disk())
     reference: int = 0          # DPO's frozen reference: a copy of the weights (full) or of the adapter (LoRA)
+    ewc: int = 0                # EWC: the base weights and the Fisher diagonal (fp32), and the penalty's difference
     notes: list[str] = field(default_factory=list)
 
     def breakdown(self) -> dict[str, int]:
@@ -144,6 +145,7 @@ class Estimate:
             "gradients": self.gradients,
             "optimizer": self.optimizer,
             "reference": self.reference,
+            "ewc": self.ewc,
         }
         if backward >= self.step_scratch:
             rows.update(weight_copies=self.weight_copies, activations=self.activations, logits=self.logits,
@@ -315,7 +317,7 @@ def estimate(config, method: str = "lora", *, seq_tokens: int, tokens_with_loss:
              r: int = 16, target_modules="all-linear", lora_dropout: float = 0.1,
              gradient_checkpointing: bool = False, device: str = "cuda", optim: str = "adamw_torch",
              attn_implementation: str = "packed_sdpa", save_total_limit: int = 2,
-             trust_remote_code: bool = False, stage: str = "sft") -> Estimate:
+             trust_remote_code: bool = False, stage: str = "sft", ewc: bool = False) -> Estimate:
     """Peak memory of one training step and the run's disk use.
 
     Args:
@@ -332,6 +334,8 @@ def estimate(config, method: str = "lora", *, seq_tokens: int, tokens_with_loss:
         save_total_limit: checkpoints kept.
         stage: ``sft``, ``dpo`` (adds the frozen reference: a copy of the weights for ``full``, of the
             adapter for LoRA/QLoRA, as TRL keeps it) or ``orpo`` (no reference).
+        ewc: full fine-tuning with an EWC penalty (``backend/ewc.py``): three fp32 copies of the
+            weights (the base, the Fisher diagonal, and the penalty's difference kept for backward).
     """
     if method not in ("qlora", "lora", "full"):
         raise ValueError(f"method must be qlora, lora or full, not {method!r}")
@@ -373,7 +377,8 @@ def estimate(config, method: str = "lora", *, seq_tokens: int, tokens_with_loss:
 
     overhead = CPU_PROCESS_BYTES if cpu else CUDA_CONTEXT_BYTES
     reference = (weights if method == "full" else lora_params) if stage == "dpo" else 0
-    static = weights + lora_params + gradients + optimizer + overhead + reference
+    ewc_bytes = 3 * trainable * 4 if ewc and method == "full" else 0
+    static = weights + lora_params + gradients + optimizer + overhead + reference + ewc_bytes
     total = static + max(weight_copies + activations + logits + heap, step_scratch)
 
     if prec.notice:
@@ -387,7 +392,7 @@ def estimate(config, method: str = "lora", *, seq_tokens: int, tokens_with_loss:
                     optimizer=optimizer, weight_copies=weight_copies, activations=activations,
                     logits=logits, heap=heap, step_scratch=step_scratch, overhead=overhead, total=total,
                     disk_per_checkpoint=disk_ckpt, disk_result=disk_result, disk_total=disk_total,
-                    reference=reference, notes=notes)
+                    reference=reference, ewc=ewc_bytes, notes=notes)
 
 
 def _activations(config, inv: Inventory, targets, *, method: str, device: str, seq_tokens: int, kept: int, r: int,
@@ -460,7 +465,8 @@ def estimate_for_spec(spec, model_config=None, device: str | None = None, row_to
                     r=lo.r, target_modules=lo.target_modules, lora_dropout=lo.lora_dropout,
                     gradient_checkpointing=t.gradient_checkpointing, device=device or models.device(),
                     optim=t.optim, save_total_limit=t.save_total_limit,
-                    trust_remote_code=spec.model.trust_remote_code, stage=spec.model.stage)
+                    trust_remote_code=spec.model.trust_remote_code, stage=spec.model.stage,
+                    ewc=bool(t.ewc_lambda and spec.data.mix_data and spec.model.stage == "sft"))
 
 
 # -- what this machine has ---------------------------------------------------------------------

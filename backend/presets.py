@@ -74,6 +74,7 @@ def build_spec(overrides: dict, preset: str | None = None) -> RunSpec:
     values = dict(load_preset(preset)) if preset else {}
     if overrides.get("stage", "sft") != "sft" and preset == EMBEDDED_PRESET.format(method=method):
         values.pop("learning_rate", None)  # tuned for SFT; a preference stage takes its own default (STAGE_DEFAULTS)
+        values.pop("ewc_lambda", None)  # an SFT tool (config.py refuses it with dpo and orpo)
     values.update(overrides)
     values["preset"] = preset
     return RunSpec.from_flat(values).resolved()

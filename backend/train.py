@@ -363,6 +363,10 @@ def _setup_ewc(spec: RunSpec, model, tokenizer):
     """Full fine-tuning with ``ewc_lambda``: the Fisher diagonal on ``ewc_samples`` general rows."""
     if spec.model.method != "full" or not spec.train.ewc_lambda:
         return None
+    if not spec.data.mix_data:  # e.g. the full preset's EWC after replay was turned off: follow it, as mix_kl does
+        print("notice: ewc_lambda is set but mix_data is off: EWC weighs weights by general data, so it is off too",
+              flush=True)
+        return None
     from . import replay
     from .ewc import EWC
 

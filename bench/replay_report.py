@@ -46,6 +46,8 @@ VARIANTS = {  # name -> overrides on the embedded preset of the method
         "kl5": {"mix_kl": 5.0}, "kl8": {"mix_kl": 8.0},
         "ce0": {"mix_ce": 0.0}, "r15": {"mix_ratio": 1.5}, "r2": {"mix_ratio": 2.0},
         "lr-half": {"learning_rate": 5e-5},  # full fine-tuning's preset rate halved
+        "ewc": {"ewc_lambda": 5e4},  # full fine-tuning: EWC on top of replay and KL
+        "lr-7e-5": {"learning_rate": 7e-5}, "lr-half-3ep": {"learning_rate": 5e-5, "num_train_epochs": 3},
     }.items()},
 }
 

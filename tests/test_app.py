@@ -179,6 +179,9 @@ def test_the_train_form_is_built_from_the_schema_with_the_presets_values(queue):
     full = dict(zip([s.name for s in train_tab.form_settings()],
                     train_tab.preset_defaults("", "full", "smollm2-135m-full")))  # widget values, by key
     assert full["learning_rate"] == 1e-4 and full["num_train_epochs"] == 2  # the preset's, not lora's
+    dpo = dict(zip([s.name for s in train_tab.form_settings()],
+                   train_tab.preset_defaults("", "full", "smollm2-135m-full", "dpo")))
+    assert full["ewc_lambda"] > 0 and dpo["ewc_lambda"] == 0 and dpo["learning_rate"] != 1e-4  # SFT-only, dropped
     values, preset = train_tab.form_values({**full, "target_modules": "[q_proj, v_proj]", "preset": ""})
     assert values["target_modules"] == ["q_proj", "v_proj"] and preset is None
 

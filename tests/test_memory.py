@@ -105,6 +105,11 @@ def test_estimate_for_spec_on_the_embedded_models_config():
     qlora = memory.estimate_for_spec(RunSpec.from_flat({"method": "qlora", **shape}), config, "cpu")
     full = memory.estimate_for_spec(RunSpec.from_flat({"method": "full", **shape}), config, "cpu")
     assert qlora.total < est.total and est.heap > 0 and full.heap == 0  # glibc keeps LoRA's temporaries
+    # EWC (full only, and only with general data to weigh by): three fp32 copies of the weights more
+    ewc = {"method": "full", "ewc_lambda": 5e4, **shape}
+    with_ewc = memory.estimate_for_spec(RunSpec.from_flat(ewc), config, "cpu")
+    assert with_ewc.total - full.total == with_ewc.ewc == 3 * 4 * full.trainable and full.ewc == 0
+    assert memory.estimate_for_spec(RunSpec.from_flat({**ewc, "mix_data": "none"}), config, "cpu").ewc == 0
     on_gpu = [memory.estimate_for_spec(RunSpec.from_flat({"method": m, **shape}), config, "cuda")
               for m in ("qlora", "lora", "full")]
     assert on_gpu[0].total < on_gpu[1].total < on_gpu[2].total and not any(e.heap for e in on_gpu)

@@ -14,6 +14,7 @@ from backend import models, playground
 from backend import train as train_mod
 from backend.config import ConfigError, RunSpec
 from backend.evaluate import evaluate
+from backend.presets import build_spec
 
 FIXTURES = Path(__file__).resolve().parent / "data"
 
@@ -68,8 +69,11 @@ def test_ewc_penalty_is_zero_at_the_base_and_holds_weights_back(tmp_path, tiny_m
     general = str(FIXTURES / "alpaca.json")
     with pytest.raises(ConfigError, match="full fine-tuning only"):
         RunSpec.from_flat({"method": "lora", "ewc_lambda": 1.0, "mix_data": general})
-    with pytest.raises(ConfigError, match="needs mix_data"):
-        RunSpec.from_flat({"method": "full", "ewc_lambda": 1.0, "mix_data": "none"})
+    # without general data EWC is off (as mix_kl is), so turning replay off on the full preset just works
+    off = build_spec({"method": "full", "mix_data": "none"})
+    assert off.train.ewc_lambda > 0 and train_mod._setup_ewc(off, None, None) is None
+    # a preference stage drops the embedded preset's EWC (an SFT tool), as it drops its learning rate
+    assert build_spec({"method": "full", "stage": "dpo"}).train.ewc_lambda == 0
 
     common = dict(method="full", mix_data=general, mix_ratio=0.1, mix_kl=0, learning_rate=1e-2, max_steps=6,
                   gradient_accumulation_steps=1)

@@ -99,16 +99,16 @@ def form_values(widget_values: dict[str, Any]) -> tuple[dict, str | None]:
             for k, v in values.items()}, preset
 
 
-def preset_values(model, method, preset) -> dict:
-    """The settings a model, method and preset resolve to, by key."""
-    sections = service.make_spec({"model": model, "method": method}, preset or None).to_dict()
+def preset_values(model, method, preset, stage="sft") -> dict:
+    """The settings a model, method, preset and stage resolve to, by key."""
+    sections = service.make_spec({"model": model, "method": method, "stage": stage or "sft"}, preset or None).to_dict()
     return {s.name: sections[s.section][s.name] for s in form_settings()}
 
 
-def preset_defaults(model, method, preset) -> list:
-    """The widgets' values for a model, method and preset, in ``form_settings`` order, so what is
-    shown is what would run."""
-    values = preset_values(model, method, preset)
+def preset_defaults(model, method, preset, stage="sft") -> list:
+    """The widgets' values for a model, method, preset and stage, in ``form_settings`` order, so what
+    is shown is what would run (a preference stage drops the embedded preset's SFT rate and EWC)."""
+    values = preset_values(model, method, preset, stage)
     return [to_widget(s, values[s.name]) for s in form_settings()]
 
 
@@ -208,8 +208,9 @@ def create_train_tab(data_inputs: dict, submit, queue=None):
     ordered = [widgets[s.name] for s in form_settings()]
     preset.change(preset_model_method, [widgets["model"], widgets["method"], preset],
                   [widgets["model"], widgets["method"], preset_note], api_visibility="private")
-    for w in (widgets["method"], preset):
-        w.change(preset_defaults, [widgets["model"], widgets["method"], preset], ordered, api_visibility="private")
+    for w in (widgets["method"], widgets["stage"], preset):
+        w.change(preset_defaults, [widgets["model"], widgets["method"], preset, widgets["stage"]], ordered,
+                 api_visibility="private")
     state = [data_inputs["data_path"], data_inputs["row_tokens"]]
     for w in [*keyed.values(), data_inputs["data_path"]]:
         w.change(collect, list(keyed.values()), mapping, api_visibility="private").then(
