@@ -99,6 +99,8 @@ def train(spec: RunSpec, run_dir: str | Path, resume: bool = False, load_base=No
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         _record_best(run, trainer)
         _save_result(run, spec, trainer, tokenizer)
+        if trainer.args.should_save:
+            _drop_stale_optimizer_states(run)
         del trainer, model  # free the memory before the forgetting meter loads the result
     except KeyboardInterrupt:
         run.set_status("cancelled", ended_at=time.time(), error="cancelled by the user")
@@ -659,6 +661,14 @@ def _save_result(run: RunFolder, spec: RunSpec, trainer, tokenizer) -> None:
         (target / "training_args.bin").unlink(missing_ok=True)  # already in config.yaml
         shutil.rmtree(target / "ref", ignore_errors=True)  # TRL's frozen copy of the start (DPO's reference)
         tokenizer.save_pretrained(target)
+
+
+def _drop_stale_optimizer_states(run: RunFolder) -> None:
+    """Once training is over, only the latest checkpoint's optimizer state can be resumed from; the
+    earlier checkpoints stay for their weights (the advisor, the Playground, export). Full fine-tuning
+    of the embedded model keeps ~1 GB of AdamW state per checkpoint."""
+    for checkpoint in run.checkpoints()[:-1]:
+        (checkpoint / "optimizer.pt").unlink(missing_ok=True)
 
 
 def _measure_forgetting(run: RunFolder) -> dict | None:

@@ -102,6 +102,13 @@ def advised_run(tmp_path_factory, tiny_model_dir, tiny_data):
     return run
 
 
+def test_a_finished_run_keeps_the_optimizer_state_of_its_latest_checkpoint_only(advised_run):
+    *earlier, latest = advised_run.checkpoints()  # still complete checkpoints, weights and all
+    assert earlier and (latest / "optimizer.pt").is_file()
+    assert not any((c / "optimizer.pt").exists() for c in earlier)
+    assert all(any(c.glob("*.safetensors")) for c in earlier)
+
+
 def test_a_default_run_scores_every_checkpoint_and_records_a_choice(advised_run):
     status = advised_run.status()
     names = [r["checkpoint"] for r in status["checkpoints"]]
