@@ -16,6 +16,13 @@ from __future__ import annotations
 import torch
 
 
+def active(spec) -> bool:
+    """Whether a run of ``spec`` trains with the penalty: full fine-tuning, SFT, ``ewc_lambda`` > 0,
+    and general data to weigh the weights by (``mix_data``; turned off with it, as ``mix_kl`` is)."""
+    return (spec.model.method == "full" and spec.model.stage == "sft" and bool(spec.train.ewc_lambda)
+            and bool(spec.data.mix_data))
+
+
 class EWC:
     def __init__(self, model, rows: list[dict], strength: float):
         """``rows``: tokenized examples (``input_ids``, ``labels``) of general data."""

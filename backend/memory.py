@@ -446,6 +446,7 @@ def estimate_for_spec(spec, model_config=None, device: str | None = None, row_to
     spec's model's config; ``device`` to this machine's.
     """
     from . import models
+    from .ewc import active as ewc_active
     from .preference import is_preference, start_point
 
     spec = start_point(spec)  # from_run: the parent's base model and LoRA settings
@@ -466,7 +467,7 @@ def estimate_for_spec(spec, model_config=None, device: str | None = None, row_to
                     gradient_checkpointing=t.gradient_checkpointing, device=device or models.device(),
                     optim=t.optim, save_total_limit=t.save_total_limit,
                     trust_remote_code=spec.model.trust_remote_code, stage=spec.model.stage,
-                    ewc=bool(t.ewc_lambda and spec.data.mix_data and spec.model.stage == "sft"))
+                    ewc=ewc_active(spec))
 
 
 # -- what this machine has ---------------------------------------------------------------------

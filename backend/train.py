@@ -363,14 +363,14 @@ def _anchor_targets(model, train_ds) -> list:
 
 def _setup_ewc(spec: RunSpec, model, tokenizer):
     """Full fine-tuning with ``ewc_lambda``: the Fisher diagonal on ``ewc_samples`` general rows."""
-    if spec.model.method != "full" or not spec.train.ewc_lambda:
-        return None
-    if not spec.data.mix_data:  # e.g. the full preset's EWC after replay was turned off: follow it, as mix_kl does
-        print("notice: ewc_lambda is set but mix_data is off: EWC weighs weights by general data, so it is off too",
-              flush=True)
-        return None
+    from . import ewc as ewc_mod
     from . import replay
-    from .ewc import EWC
+
+    if not ewc_mod.active(spec):
+        if spec.model.method == "full" and spec.train.ewc_lambda:  # e.g. the full preset's, replay turned off
+            print("notice: ewc_lambda is set but mix_data is off: EWC weighs weights by general data, so it is off too",
+                  flush=True)
+        return None
 
     if spec.data.mix_data == replay.NAME:
         sample = data_mod.conversations_of(replay.rows(spec, spec.train.ewc_samples, tokenizer)[0])
@@ -379,7 +379,7 @@ def _setup_ewc(spec: RunSpec, model, tokenizer):
         sample = random.Random(spec.train.seed + 1).sample(general, min(spec.train.ewc_samples, len(general)))
     rows = data_mod.encode_all(tokenizer, sample, spec.data.system_prompt, spec.data.max_length)
     t0 = time.time()
-    ewc = EWC(model, rows, spec.train.ewc_lambda)
+    ewc = ewc_mod.EWC(model, rows, spec.train.ewc_lambda)
     print(f"EWC: Fisher diagonal from {len(rows)} general rows in {time.time() - t0:.0f}s", flush=True)
     return ewc
 
