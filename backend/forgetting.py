@@ -217,3 +217,33 @@ def summary(result: dict | None) -> str:
     if not result:
         return "forgetting not measured"
     return f"kept {result['kept']} of {result['n']} general answers"
+
+
+# -- drift: the meter's continuous companion ----------------------------------------------------
+def drift(loaded: playground.LoadedRun, questions=None) -> float:
+    """How far the tuned model moved from the base where the base knows what it would say: the
+    mean over ``questions`` of the per-token KL(base || tuned), teacher-forced on the base's own
+    greedy answer (cached, as for the meter). 0 for an unchanged model. kept k of n moves only when
+    a greedy answer flips, so two runs that keep the same count may have drifted very differently
+    (a run that barely trained flips little and still drifts); this separates them."""
+    import torch
+
+    questions = load_questions(questions)
+    spec, tok = loaded.spec, loaded.tokenizer
+    system = spec.data.system_prompt
+    base = base_answers(models.resolve_model(spec.model.model), questions, system, spec.model.chat_template,
+                        spec.model.method, spec.model.trust_remote_code, loaded=loaded)
+    total = 0.0
+    with loaded.lock, torch.no_grad():
+        for q, answer in zip(questions, base, strict=True):
+            prompt = template.prompt_ids(tok, [{"role": "user", "content": q["question"]}], system)
+            answer_ids = tok(answer, add_special_tokens=False)["input_ids"] or [tok.eos_token_id]
+            ids = torch.tensor([prompt + answer_ids])
+            logp = {}
+            for side in ("base", "tuned"):
+                model, context = loaded.model_for(side)
+                with context:
+                    logits = model(input_ids=ids.to(model.device)).logits[0, len(prompt) - 1:-1]
+                logp[side] = logits.float().log_softmax(-1).cpu()
+            total += (logp["base"].exp() * (logp["base"] - logp["tuned"])).sum(-1).mean().item()
+    return total / len(questions)

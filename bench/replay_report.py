@@ -38,7 +38,7 @@ VARIANTS = {  # name -> overrides on the embedded preset of the method
         "replay": {"mix_data": "replay", "mix_kl": 0.0},
         "replay-kl": {"mix_data": "replay", "mix_kl": 1.0},
         "2ep": {"num_train_epochs": 2},  # cheaper defaults, measured against the shipped ones
-        "3ep": {"num_train_epochs": 3},
+        "3ep": {"num_train_epochs": 3}, "none-3ep": {"mix_data": "none", "num_train_epochs": 3},
         "half": {"mix_ratio": 0.5},
         "half-2ep": {"mix_ratio": 0.5, "num_train_epochs": 2},
         "half-kl6": {"mix_ratio": 0.5, "mix_kl": 6.0},
@@ -47,6 +47,8 @@ VARIANTS = {  # name -> overrides on the embedded preset of the method
         "ce0": {"mix_ce": 0.0}, "r15": {"mix_ratio": 1.5}, "r2": {"mix_ratio": 2.0},
         "lr-half": {"learning_rate": 5e-5},  # full fine-tuning's preset rate halved
         "ewc": {"ewc_lambda": 5e4},  # full fine-tuning: EWC on top of replay and KL
+        "r8": {"r": 8, "lora_alpha": 16}, "attn": {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+        "lr-5e-4-3ep": {"learning_rate": 5e-4, "num_train_epochs": 3}, "kl5-3ep": {"mix_kl": 5.0, "num_train_epochs": 3},
         "lr-7e-5": {"learning_rate": 7e-5}, "lr-half-3ep": {"learning_rate": 5e-5, "num_train_epochs": 3},
     }.items()},
 }

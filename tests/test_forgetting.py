@@ -103,6 +103,35 @@ def test_meter_on_a_trained_run_finds_the_lost_answer(loaded, lora_run, home):
     assert forgetting.meter(loaded, None, questions)["kept"] == 1
 
 
+def test_drift_is_the_mean_kl_from_the_base_on_the_base_answers(loaded, home):
+    import dataclasses
+
+    import torch
+    import torch.nn.functional as F
+
+    from backend import template
+
+    questions = [{"question": "Who are you? (3)", "answers": ["x"]}, {"question": "Hi there", "answers": ["x"]}]
+    system, tok = loaded.spec.data.system_prompt, loaded.tokenizer
+    answers = forgetting.base_answers(str(models.resolve_model(loaded.spec.model.model)), questions, system,
+                                      loaded.spec.model.chat_template, "lora", loaded=loaded)
+    by_hand = []
+    for q, a in zip(questions, answers):
+        prompt = template.prompt_ids(tok, [{"role": "user", "content": q["question"]}], system)
+        ids = torch.tensor([prompt + tok(a, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            tuned = loaded.base(input_ids=ids).logits[0, len(prompt) - 1:-1].log_softmax(-1)
+            with loaded.base.disable_adapter():
+                base = loaded.base(input_ids=ids).logits[0, len(prompt) - 1:-1].log_softmax(-1)
+        by_hand.append(F.kl_div(tuned, base, log_target=True, reduction="none").sum(-1).mean().item())
+    got = forgetting.drift(loaded, questions)
+    assert got > 0.01 and got == pytest.approx(sum(by_hand) / 2, rel=1e-4)
+    # The base against itself has not moved.
+    alone = forgetting.standalone(str(models.resolve_model(loaded.spec.model.model)), system,
+                                  loaded.spec.model.chat_template, "lora", False)
+    assert forgetting.drift(dataclasses.replace(alone, tuned=alone.base), questions) == pytest.approx(0, abs=1e-6)
+
+
 @pytest.mark.slow
 def test_every_shipped_question_is_answered_right_by_the_embedded_model(monkeypatch, tmp_path):
     model_path = models.resolve_model(None)  # in the real studio home: converted once

@@ -8,7 +8,9 @@ probed greedily on the real embedded model (CPU, minutes).
 * kept: at least 90 % of the general answers the base gets right, on the meter's questions and on
   tests/data/heldout_general.json, which nothing in training, the defaults or the checkpoint
   choice looks at;
-* without replay the same run forgets measurably more (so these tests fail if replay does nothing).
+* without replay the same run forgets measurably more: loses more of those answers (LoRA, full) and
+  drifts further from the base on the held-out questions (every method), so these tests fail if
+  replay does nothing.
 """
 
 import json
@@ -55,22 +57,38 @@ def runs(tmp_path_factory):
     return out
 
 
+class Lazy(dict):
+    """A dict whose values are computed on first access: each measurement of a run costs tens of
+    seconds on CPU, and not every test needs every one of every run."""
+
+    def __init__(self, **makers):
+        super().__init__()
+        self._makers = makers
+
+    def __getitem__(self, key):
+        if key not in self:
+            self[key] = self._makers[key]()
+        return super().__getitem__(key)
+
+
 @pytest.fixture(scope="session")
 def measured(runs):
     """What the user gets (the recommended checkpoint) of each default run, and the final result
-    of each run: answers to the paraphrases, kept on the meter and on the held-out set."""
+    of each run: answers to the paraphrases, kept on the meter and on the held-out set, and the
+    drift from the base on the held-out set (each measured when first asked for)."""
     cache = {}
 
     def get(method, kind, checkpoint=None):
         key = (method, kind, resolve_checkpoint(runs[method, kind].path, checkpoint))
         if key not in cache:
             loaded = load_run(runs[method, kind].path, checkpoint)
-            cache[key] = {
-                "loaded": loaded,
-                "answers": [compare(loaded, q, sides=("tuned",), max_new_tokens=48)["tuned"] for q in PARAPHRASES],
-                "meter": recorded_meter(runs[method, kind], loaded.checkpoint) or forgetting.meter(loaded, None),
-                "heldout": forgetting.meter(loaded, None, questions=HELDOUT),
-            }
+            cache[key] = Lazy(
+                loaded=lambda: loaded,
+                answers=lambda: [compare(loaded, q, sides=("tuned",), max_new_tokens=48)["tuned"] for q in PARAPHRASES],
+                meter=lambda: recorded_meter(runs[method, kind], loaded.checkpoint) or forgetting.meter(loaded, None),
+                heldout=lambda: forgetting.meter(loaded, None, questions=HELDOUT),
+                drift=lambda: forgetting.drift(loaded, HELDOUT),
+            )
         return cache[key]
 
     return get
@@ -91,9 +109,6 @@ def recorded_meter(run: RunFolder, checkpoint: str | None) -> dict | None:
 # same three answers; the 4-bit maths' greedy path may differ with the thread count. Its meter
 # check allows one answer of slack: 27 of 31 passes, the 26 of the defaults before mix_ce fails.
 SLACK = {"qlora": 1}
-# Its run without replay learns none of the persona, and so has little to forget: "forgets more"
-# compares runs that did not learn alike. Not strict: an XPASS says it no longer holds.
-QLORA_NO_REPLAY = pytest.mark.xfail(strict=False, reason="QLoRA without replay learns nothing (0 of 5), so forgets little")
 
 
 def share(result):
@@ -125,15 +140,27 @@ def test_the_recorded_meter_is_what_measuring_again_gives(measured, runs):
     assert (got["meter"]["kept"], got["meter"]["n"]) == (again["kept"], again["n"])
 
 
-@pytest.mark.parametrize("method", ["lora", pytest.param("qlora", marks=QLORA_NO_REPLAY), "full"])
+@pytest.mark.parametrize("method", ["lora", "full"])
 def test_without_replay_the_same_run_forgets_more(measured, method):
     """Final results compared (the advisor left aside): replay must keep at least 3 more of the
-    general answers the base knew, over both question sets."""
+    general answers the base knew, over both question sets. Not QLoRA: its run without replay
+    trains 8 steps, learns none of the persona and flips few greedy answers (1 + 7 lost against
+    the defaults' 3 + 3, measured 2026-12-02); the drift test below compares it."""
     lost = {}
     for kind in ("default", "no_replay"):
         got = measured(method, kind, "result")
         lost[kind] = sum(r["n"] - r["kept"] for r in (got["meter"], got["heldout"]))
     assert lost["no_replay"] >= lost["default"] + 3, lost
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_without_replay_the_same_run_drifts_further_from_the_base(measured, method):
+    """The continuous measure (``forgetting.drift``: KL from the base on the base's own answers to
+    the held-out questions), on the final results: without replay at least twice as far.
+    Measured 2026-12-02, with replay against without: LoRA 0.013 / 0.174, QLoRA 0.045 / 0.174,
+    full 0.053 / 0.138."""
+    drift = {kind: measured(method, kind, "result")["drift"] for kind in ("default", "no_replay")}
+    assert drift["no_replay"] >= 2 * drift["default"], drift
 
 
 def test_each_default_run_reports_what_it_kept_and_recommends_a_checkpoint(runs):
