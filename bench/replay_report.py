@@ -43,10 +43,13 @@ VARIANTS = {  # name -> overrides on the embedded preset of the method
         "half-2ep": {"mix_ratio": 0.5, "num_train_epochs": 2},
         "half-kl6": {"mix_ratio": 0.5, "mix_kl": 6.0},
         "half-2ep-kl6": {"mix_ratio": 0.5, "num_train_epochs": 2, "mix_kl": 6.0},
-        "kl5": {"mix_kl": 5.0}, "kl8": {"mix_kl": 8.0},
+        "kl5": {"mix_kl": 5.0}, "kl8": {"mix_kl": 8.0}, "kl15": {"mix_kl": 15.0},
+        "3ep-kl8": {"num_train_epochs": 3, "mix_kl": 8.0}, "bs4": {"per_device_train_batch_size": 4},
+        "bs4-kl8": {"per_device_train_batch_size": 4, "mix_kl": 8.0}, "lr-2e-3": {"learning_rate": 2e-3},
         "ce0": {"mix_ce": 0.0}, "r15": {"mix_ratio": 1.5}, "r2": {"mix_ratio": 2.0},
         "lr-half": {"learning_rate": 5e-5},  # full fine-tuning's preset rate halved
         "ewc": {"ewc_lambda": 5e4},  # full fine-tuning: EWC on top of replay and KL
+        "nokl": {"mix_kl": 0.0, "mix_ce": 1e-6},  # replay rows in the batches but teaching nothing: their steps alone
         "r8": {"r": 8, "lora_alpha": 16}, "attn": {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
         "lr-5e-4-3ep": {"learning_rate": 5e-4, "num_train_epochs": 3}, "kl5-3ep": {"mix_kl": 5.0, "num_train_epochs": 3},
         "lr-7e-5": {"learning_rate": 7e-5}, "lr-half-3ep": {"learning_rate": 5e-5, "num_train_epochs": 3},

@@ -104,11 +104,6 @@ def recorded_meter(run: RunFolder, checkpoint: str | None) -> dict | None:
     return {"kept": row["kept"], "n": row["n"]} if row and row.get("kept") is not None else None
 
 
-# Measured 2026-12-01 (README, "Learn the new thing, keep the old"): QLoRA's defaults (replay
-# without cross-entropy, mix_ce 0) keep 28 of the meter's 31, on the 90 % line, and always lose the
-# same three answers; the 4-bit maths' greedy path may differ with the thread count. Its meter
-# check allows one answer of slack: 27 of 31 passes, the 26 of the defaults before mix_ce fails.
-SLACK = {"qlora": 1}
 
 
 def share(result):
@@ -127,7 +122,7 @@ def test_defaults_learn_the_persona(measured, method):
 @pytest.mark.parametrize("method", METHODS)
 def test_defaults_keep_general_answers_on_both_question_sets(measured, method):
     got = measured(method, "default")
-    assert got["meter"]["kept"] + SLACK.get(method, 0) >= 0.9 * got["meter"]["n"], got["meter"]
+    assert share(got["meter"]) >= 0.9, got["meter"]
     assert share(got["heldout"]) >= 0.9, got["heldout"]
 
 
@@ -140,12 +135,10 @@ def test_the_recorded_meter_is_what_measuring_again_gives(measured, runs):
     assert (got["meter"]["kept"], got["meter"]["n"]) == (again["kept"], again["n"])
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("method", METHODS)
 def test_without_replay_the_same_run_forgets_more(measured, method):
     """Final results compared (the advisor left aside): replay must keep at least 3 more of the
-    general answers the base knew, over both question sets. Not QLoRA: its run without replay
-    trains 8 steps, learns none of the persona and flips few greedy answers (1 + 7 lost against
-    the defaults' 3 + 3, measured 2026-12-02); the drift test below compares it."""
+    general answers the base knew, over both question sets."""
     lost = {}
     for kind in ("default", "no_replay"):
         got = measured(method, kind, "result")
