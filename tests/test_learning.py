@@ -8,9 +8,8 @@ probed greedily on the real embedded model (CPU, minutes).
 * kept: at least 90 % of the general answers the base gets right, on the meter's questions and on
   tests/data/heldout_general.json, which nothing in training, the defaults or the checkpoint
   choice looks at;
-* without replay the same run forgets measurably more: loses more of those answers (LoRA, full) and
-  drifts further from the base on the held-out questions (every method), so these tests fail if
-  replay does nothing.
+* without replay the same run forgets measurably more: it loses more of those answers and drifts
+  further from the base on the held-out questions, so these tests fail if replay does nothing.
 """
 
 import json
@@ -102,8 +101,6 @@ def recorded_meter(run: RunFolder, checkpoint: str | None) -> dict | None:
         return forgetting.read(run.path)
     row = {r["checkpoint"]: r for r in run.status().get("checkpoints") or []}.get(checkpoint)
     return {"kept": row["kept"], "n": row["n"]} if row and row.get("kept") is not None else None
-
-
 
 
 def share(result):
