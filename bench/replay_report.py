@@ -13,6 +13,11 @@ embedded SmolLM2-135M-Instruct and its preset, then measures, greedily:
 
     python bench/replay_report.py --out /tmp/replay                          # every variant
     python bench/replay_report.py --out /tmp/replay --only lora-none,lora-replay
+    python bench/replay_report.py --out /tmp/kestrel --only qlora-default \
+        --data bench/personas/persona_kestrel.csv --paraphrases bench/personas/persona_kestrel_heldout.json --name Kestrel
+
+``bench/personas/`` holds two more persona files, written to check the defaults on data they were
+not chosen on (README, "Checked on personas the defaults were not chosen on").
 
 Each variant's figures go to ``OUT/VARIANT.json`` (a variant already measured there is not
 retrained); the markdown table is printed at the end.
