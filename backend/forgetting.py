@@ -227,6 +227,7 @@ def drift(loaded: playground.LoadedRun, questions=None) -> float:
     a greedy answer flips, so two runs that keep the same count may have drifted very differently
     (a run that barely trained flips little and still drifts); this separates them."""
     import torch
+    import torch.nn.functional as F
 
     questions = load_questions(questions)
     spec, tok = loaded.spec, loaded.tokenizer
@@ -245,5 +246,5 @@ def drift(loaded: playground.LoadedRun, questions=None) -> float:
                 with context:
                     logits = model(input_ids=ids.to(model.device)).logits[0, len(prompt) - 1:-1]
                 logp[side] = logits.float().log_softmax(-1).cpu()
-            total += (logp["base"].exp() * (logp["base"] - logp["tuned"])).sum(-1).mean().item()
+            total += F.kl_div(logp["tuned"], logp["base"], log_target=True, reduction="none").sum(-1).mean().item()
     return total / len(questions)
